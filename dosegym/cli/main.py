@@ -1,0 +1,30 @@
+"""The ``dosegym`` command. One module per verb group; this file only assembles them."""
+
+from __future__ import annotations
+
+import typer
+
+from dosegym import __version__
+from dosegym.cli import data as data_cli
+
+app = typer.Typer(
+    name="dosegym",
+    help="Align radiotherapy dose-prediction diffusion models with RL against clinical scorecards.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.add_typer(data_cli.app, name="data")
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"dosegym {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+) -> None:
+    """dosegym: data, scorecards, the pretrained dose model and Gymnasium environments."""
