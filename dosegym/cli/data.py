@@ -16,10 +16,19 @@ app = typer.Typer(help="Inspect, convert and generate cases.", no_args_is_help=T
 @app.command("info")
 @friendly_errors
 def info(
-    path: str = typer.Argument(..., help="A case: OpenKBP folder, NIfTI folder, GDP-HMM .npz, DICOM folder, phantom .npz or 'phantoms:SITE/N'."),
-    trusted: bool = typer.Option(False, "--trusted", help="Allow unpickling (GDP-HMM .npz files are pickled dicts)."),
-    prescriptions: Path | None = typer.Option(None, "--prescriptions", help="GDP-HMM PTV_DICT.json with the prescriptions."),
-    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON instead of tables."),
+    path: str = typer.Argument(
+        ...,
+        help="A case: OpenKBP folder, NIfTI folder, GDP-HMM .npz, DICOM folder, phantom .npz or 'phantoms:SITE/N'.",
+    ),
+    trusted: bool = typer.Option(
+        False, "--trusted", help="Allow unpickling (GDP-HMM .npz files are pickled dicts)."
+    ),
+    prescriptions: Path | None = typer.Option(
+        None, "--prescriptions", help="GDP-HMM PTV_DICT.json with the prescriptions."
+    ),
+    as_json: bool = typer.Option(
+        False, "--json", help="Print the summary as JSON instead of tables."
+    ),
 ) -> None:
     """Print a summary of a case: grid, structures (cc), prescriptions, beams, dose."""
     from dosegym.data import read_case
@@ -64,22 +73,30 @@ def info(
             f"isocenter {tuple(round(v, 1) for v in b['isocenter_mm'])} mm"
         )
     if s["dose_gy"]:
-        console.print(f"dose max {s['dose_gy']['max']:.2f} Gy, mean in body {s['dose_gy']['mean_in_body']:.2f} Gy")
+        console.print(
+            f"dose max {s['dose_gy']['max']:.2f} Gy, mean in body {s['dose_gy']['mean_in_body']:.2f} Gy"
+        )
 
 
 @app.command("convert")
 @friendly_errors
 def convert(
     src: str = typer.Argument(..., help="Any supported case (see 'dosegym data info --help')."),
-    out: Path = typer.Argument(..., help="Output folder (NIfTI layout: case.json, ct, dose, structures/)."),
+    out: Path = typer.Argument(
+        ..., help="Output folder (NIfTI layout: case.json, ct, dose, structures/)."
+    ),
     ext: str = typer.Option(".nii.gz", "--ext", help="Image extension: .nii.gz, .mha or .nrrd."),
     trusted: bool = typer.Option(False, "--trusted", help="Allow unpickling GDP-HMM .npz files."),
-    prescriptions: Path | None = typer.Option(None, "--prescriptions", help="GDP-HMM PTV_DICT.json."),
+    prescriptions: Path | None = typer.Option(
+        None, "--prescriptions", help="GDP-HMM PTV_DICT.json."
+    ),
 ) -> None:
     """Convert any supported input into the NIfTI folder layout."""
     from dosegym.data import read_case, write_case
     from dosegym.data.io import detect_format
+    from dosegym.data.nifti import check_image_ext
 
+    check_image_ext(ext)
     kwargs = {}
     if detect_format(src) == "gdphmm":
         kwargs = {"trusted": trusted, "prescriptions_json": prescriptions}
@@ -91,12 +108,18 @@ def convert(
 @app.command("phantoms")
 @friendly_errors
 def phantoms(
-    out: Path = typer.Option(Path("phantoms"), "--out", help="Output folder for the phantom .npz files."),
+    out: Path = typer.Option(
+        Path("phantoms"), "--out", help="Output folder for the phantom .npz files."
+    ),
     n: int = typer.Option(4, "--n", min=1, help="Number of phantoms per site."),
-    site: list[str] = typer.Option(["headneck"], "--site", help="Site(s): headneck, prostate, lung."),
+    site: list[str] = typer.Option(
+        ["headneck"], "--site", help="Site(s): headneck, prostate, lung."
+    ),
     seed: int = typer.Option(0, "--seed", help="Seed of the anatomy generator."),
     dose: str = typer.Option(
-        "auto", "--dose", help="Reference dose: 'pyradplan' (physics extra), 'shipped' (copy the shipped set), 'none', or 'auto'."
+        "auto",
+        "--dose",
+        help="Reference dose: 'pyradplan' (physics extra), 'shipped' (copy the shipped set), 'none', or 'auto'.",
     ),
 ) -> None:
     """Generate procedural phantoms (anatomy, PTVs, OARs, beams, reference dose) as .npz files."""

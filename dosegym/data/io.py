@@ -35,8 +35,10 @@ def _function(fmt: str, which: int) -> Callable[..., Any]:
     module, *names = _FORMATS[fmt]
     name = names[which - 1]
     if name is None:
-        raise DataError(f"format {fmt!r} has no writer; writable formats: "
-                        f"{sorted(f for f, v in _FORMATS.items() if v[2])}")
+        raise DataError(
+            f"format {fmt!r} has no writer; writable formats: "
+            f"{sorted(f for f, v in _FORMATS.items() if v[2])}"
+        )
     return getattr(importlib.import_module(module), name)
 
 

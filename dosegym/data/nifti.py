@@ -1,0 +1,364 @@
+"""The NIfTI case folder: one image per volume plus ``case.json``, readable by any ITK tool.
+
+Layout (``ext`` is ``.nii.gz``, ``.mha`` or ``.nrrd``; every image read by SimpleITK)::
+
+    case.json                 format, format_version, case_id, image_ext, grid, volumes,
+                              structures [{name, file}], occupancy [names], prescriptions,
+                              beams (Beams.to_dict), meta, meta_arrays [keys]
+    ct<ext>                   CT, float32, HU                      (if the case has a CT)
+    dose<ext>                 dose, float32, Gy                    (if the case has a dose)
+    body<ext>                 body / possible-dose mask, uint8     (if the case has one)
+    structures/<file><ext>    one uint8 mask per structure
+    occupancy/<file><ext>     float32 fractional occupancy in [0, 1] (where present)
+    meta_arrays.npz           numpy arrays found in ``case.meta`` (compressed npz, no pickle)
+
+Structure names that are not safe file names (anything but letters, digits, ``_`` and
+``-``, or names equal up to case, which clash on case-insensitive file systems) are stored
+under an encoded ``file`` stem; ``case.json`` maps each stem back to its name.
+
+Axes: SimpleITK images are (x, y, z). Arrays come out of SimpleITK already indexed
+``[z, y, x]``; spacing and origin triples are reversed; the direction matrix ``D`` (columns =
+index axes, rows = LPS components) becomes ``D[::-1, ::-1]`` in (z, y, x). These
+conversions happen only here.
+
+``case.json`` keeps the grid in double precision; the images' own geometry (NIfTI stores
+it in float32) must agree with it within ``GEOMETRY_TOL_MM``. A folder without ``grid``,
+``volumes`` or ``structures`` in ``case.json`` (hand-made) takes the grid from the CT
+(else the first image found), reads whichever of ``ct``/``dose``/``body`` exist and every
+image in ``structures/``, named after its file stem.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+
+from dosegym.data._atomic import atomic_path
+from dosegym.data.case import Beams, Case, Prescription
+from dosegym.data.grid import Grid
+from dosegym.errors import DataError
+
+FORMAT_NAME = "dosegym-nifti"
+FORMAT_VERSION = 1
+IMAGE_EXTENSIONS = (".nii.gz", ".mha", ".nrrd")
+VOLUMES = ("ct", "dose", "body")
+#: Largest disagreement (mm, and unitless for direction cosines) between images' geometry.
+GEOMETRY_TOL_MM = 1e-3
+_SAFE_STEM = re.compile(r"^[A-Za-z0-9_\-]{1,100}$")
+
+
+# -- SimpleITK <-> Grid ------------------------------------------------------------------
+def check_image_ext(ext: str) -> str:
+    """Return ``ext`` if it is a supported image extension, else raise ``DataError``."""
+    if ext not in IMAGE_EXTENSIONS:
+        raise DataError(
+            f"image extension {ext!r} is not supported; valid: {list(IMAGE_EXTENSIONS)}"
+        )
+    return ext
+
+
+def _to_image(array: np.ndarray, grid: Grid) -> sitk.Image:
+    img = sitk.GetImageFromArray(np.ascontiguousarray(array))
+    img.SetSpacing(tuple(reversed(grid.spacing_mm)))
+    img.SetOrigin(tuple(reversed(grid.origin_mm)))
+    img.SetDirection(tuple(np.asarray(grid.direction)[::-1, ::-1].ravel().tolist()))
+    return img
+
+
+def _grid_of(img: sitk.Image) -> Grid:
+    if img.GetDimension() != 3:
+        raise DataError(f"image has {img.GetDimension()} dimensions; a 3-D image is needed")
+    direction = np.asarray(img.GetDirection(), dtype=float).reshape(3, 3)[::-1, ::-1]
+    return Grid(
+        tuple(reversed(img.GetSize())),
+        tuple(reversed(img.GetSpacing())),
+        tuple(reversed(img.GetOrigin())),
+        tuple(map(tuple, direction)),
+    )
+
+
+def _geometry_mismatch(a: Grid, b: Grid) -> str | None:
+    """Describe how grid ``a`` differs from reference ``b`` (shape, spacing, origin, direction)."""
+    if a.shape != b.shape:
+        return f"size (z, y, x) {a.shape} differs from {b.shape}"
+    for fld in ("spacing_mm", "origin_mm", "direction"):
+        va, vb = np.asarray(getattr(a, fld)), np.asarray(getattr(b, fld))
+        if not np.allclose(va, vb, rtol=0, atol=GEOMETRY_TOL_MM):
+            va, vb = np.round(va, 4).tolist(), np.round(vb, 4).tolist()
+            return f"{fld} (z, y, x) {va} differs from {vb}"
+    return None
+
+
+# -- names and meta ------------------------------------------------------------------------
+def _file_stems(names: list[str]) -> list[str]:
+    """A safe, case-insensitively unique file stem for each structure name."""
+    stems: list[str] = []
+    used: set[str] = set()
+    for name in names:
+        stem = name
+        if not _SAFE_STEM.match(name) or name.lower() in used:
+            digest = hashlib.sha1(name.encode("utf-8")).hexdigest()[:8]
+            stem = f"{re.sub(r'[^A-Za-z0-9_-]', '_', name)[:80]}~{digest}"
+            n = 2
+            while stem.lower() in used:
+                stem = f"{stem}~{n}"
+                n += 1
+        used.add(stem.lower())
+        stems.append(stem)
+    return stems
+
+
+def _jsonable(value: Any, where: str) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v, f"{where}.{k}") for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if value is None or isinstance(value, (str, bool, int, float)):
+        return value
+    raise DataError(
+        f"{where}: a {type(value).__name__} cannot be stored in case.json; "
+        "valid meta values are numbers, strings, lists, dicts and numpy arrays"
+    )
+
+
+def _split_meta(meta: dict[str, Any]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """JSON part of ``meta`` (without ``source``) and its top-level numpy arrays (ndim >= 1)."""
+    arrays = {k: v for k, v in meta.items() if isinstance(v, np.ndarray) and v.ndim >= 1}
+    plain = {k: v for k, v in meta.items() if k not in arrays and k != "source"}
+    if plain.get("format") not in (None, "nifti"):
+        plain.setdefault("source_format", plain["format"])
+    plain.pop("format", None)
+    if any(a.dtype == object for a in arrays.values()):
+        bad = [k for k, a in arrays.items() if a.dtype == object]
+        raise DataError(f"meta{bad}: object arrays cannot be stored; use numeric arrays")
+    return _jsonable(plain, "meta"), arrays
+
+
+# -- writer --------------------------------------------------------------------------------
+def write_nifti_folder(case: Case, path: str | Path, ext: str = ".nii.gz") -> Path:
+    """Write ``case`` as a NIfTI/MHA/NRRD case folder at ``path`` (atomically) and return it.
+
+    An existing case folder at ``path`` is replaced; any other existing file or non-empty
+    folder is refused rather than deleted.
+    """
+    check_image_ext(ext)
+    dest = Path(path)
+    if dest.exists():
+        if not dest.is_dir():
+            raise DataError(f"{dest}: exists and is a file; give a folder path for the case")
+        if any(dest.iterdir()) and not (dest / "case.json").is_file():
+            raise DataError(
+                f"{dest}: exists, is not empty and holds no case.json; refusing to replace it "
+                "(give a new folder or an existing dosegym case folder)"
+            )
+    names = list(case.structures)
+    stems = _file_stems(names)
+    meta_json, meta_arrays = _split_meta(case.meta)
+    volumes = [v for v in VOLUMES if getattr(case, v) is not None]
+    doc = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "case_id": case.case_id,
+        "image_ext": ext,
+        "grid": case.grid.to_dict(),
+        "volumes": volumes,
+        "structures": [{"name": n, "file": s} for n, s in zip(names, stems, strict=True)],
+        "occupancy": [n for n in names if n in case.occupancy],
+        "prescriptions": [
+            {"target": p.target, "dose_gy": p.dose_gy, "fractions": p.fractions}
+            for p in case.prescriptions
+        ],
+        "beams": None if case.beams is None else case.beams.to_dict(),
+        "meta": meta_json,
+        "meta_arrays": sorted(meta_arrays),
+    }
+    text = json.dumps(doc, indent=2) + "\n"
+    grid = case.grid
+
+    def put(array: np.ndarray, file: Path, dtype) -> None:
+        sitk.WriteImage(
+            _to_image(np.asarray(array).astype(dtype, copy=False), grid), str(file), True
+        )
+
+    with atomic_path(dest) as tmp:
+        tmp.mkdir()
+        for v in volumes:
+            put(getattr(case, v), tmp / f"{v}{ext}", np.uint8 if v == "body" else np.float32)
+        if names:
+            (tmp / "structures").mkdir()
+        for name, stem in zip(names, stems, strict=True):
+            put(case.structures[name], tmp / "structures" / f"{stem}{ext}", np.uint8)
+            if name in case.occupancy:
+                (tmp / "occupancy").mkdir(exist_ok=True)
+                put(case.occupancy[name], tmp / "occupancy" / f"{stem}{ext}", np.float32)
+        if meta_arrays:
+            np.savez_compressed(tmp / "meta_arrays.npz", **meta_arrays)
+        (tmp / "case.json").write_text(text, encoding="utf-8")
+    return dest
+
+
+# -- reader --------------------------------------------------------------------------------
+def _field(doc: dict, key: str, kind: type | tuple[type, ...], where: Path, default: Any) -> Any:
+    value = doc.get(key, default)
+    if value is not None and not isinstance(value, kind):
+        raise DataError(f"{where}: field {key!r} must be {kind}, got {type(value).__name__}")
+    return value
+
+
+def _detect_ext(folder: Path) -> str:
+    for ext in IMAGE_EXTENSIONS:
+        if any((folder / f"{v}{ext}").is_file() for v in VOLUMES):
+            return ext
+        if (folder / "structures").is_dir() and any((folder / "structures").glob(f"*{ext}")):
+            return ext
+    raise DataError(
+        f"{folder / 'case.json'}: no 'image_ext' and no ct/dose/body/structures image found; "
+        f"valid extensions: {list(IMAGE_EXTENSIONS)}"
+    )
+
+
+def read_nifti_folder(path: str | Path) -> Case:
+    """Read a NIfTI/MHA/NRRD case folder (see module docstring) into a :class:`Case`."""
+    folder = Path(path)
+    cj = folder / "case.json"
+    if not folder.is_dir():
+        raise DataError(f"{folder}: no such folder (a NIfTI case is a folder with case.json)")
+    if not cj.is_file():
+        raise DataError(f"{cj}: missing; a NIfTI case folder needs case.json")
+    try:
+        doc = json.loads(cj.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(f"{cj}: not readable JSON ({exc})") from exc
+    if not isinstance(doc, dict):
+        raise DataError(f"{cj}: must hold a JSON object")
+    version = doc.get("format_version", FORMAT_VERSION)
+    if version != FORMAT_VERSION:
+        raise DataError(
+            f"{cj}: format_version {version!r} is not supported; valid: {FORMAT_VERSION}"
+        )
+    ext = check_image_ext(_field(doc, "image_ext", str, cj, None) or _detect_ext(folder))
+
+    grid: Grid | None = None
+    if doc.get("grid") is not None:
+        try:
+            grid = Grid.from_dict(doc["grid"])
+        except (KeyError, TypeError) as exc:
+            raise DataError(
+                f"{cj}: field 'grid' needs shape, spacing_mm, origin_mm ({exc})"
+            ) from exc
+
+    def load(file: Path, what: str, dtype) -> np.ndarray:
+        nonlocal grid
+        if not file.is_file():
+            raise DataError(f"{file}: missing; case.json lists {what}")
+        try:
+            img = sitk.ReadImage(str(file))
+        except RuntimeError as exc:
+            raise DataError(
+                f"{file}: not a readable {ext} image ({str(exc).strip()[:200]})"
+            ) from exc
+        try:
+            g = _grid_of(img)
+        except DataError as exc:
+            raise DataError(f"{file}: {exc}") from exc
+        if grid is None:
+            grid = g
+        else:
+            bad = _geometry_mismatch(g, grid)
+            if bad:
+                raise DataError(f"{file}: {what} geometry does not match the case grid: {bad}")
+        return sitk.GetArrayFromImage(img).astype(dtype, copy=False)
+
+    listed = _field(doc, "volumes", list, cj, None)
+    volumes = (
+        listed if listed is not None else [v for v in VOLUMES if (folder / f"{v}{ext}").is_file()]
+    )
+    unknown = [v for v in volumes if v not in VOLUMES]
+    if unknown:
+        raise DataError(f"{cj}: field 'volumes' has {unknown}; valid: {list(VOLUMES)}")
+    arrays = {
+        v: load(folder / f"{v}{ext}", f"volume {v!r}", bool if v == "body" else np.float32)
+        for v in sorted(volumes, key=VOLUMES.index)
+    }
+
+    entries = _field(doc, "structures", list, cj, None)
+    if entries is None:
+        sdir = folder / "structures"
+        files = sorted(sdir.glob(f"*{ext}")) if sdir.is_dir() else []
+        entries = [{"name": f.name[: -len(ext)], "file": f.name[: -len(ext)]} for f in files]
+    structures: dict[str, np.ndarray] = {}
+    stem_of: dict[str, str] = {}
+    for i, entry in enumerate(entries):
+        if (
+            not isinstance(entry, dict)
+            or not isinstance(entry.get("name"), str)
+            or not isinstance(entry.get("file"), str)
+        ):
+            raise DataError(
+                f"{cj}: structures[{i}] must be {{'name': str, 'file': str}}, got {entry!r}"
+            )
+        name, stem = entry["name"], entry["file"]
+        if "/" in stem or "\\" in stem or stem.startswith("."):
+            raise DataError(f"{cj}: structures[{i}].file {stem!r} must be a plain file stem")
+        stem_of[name] = stem
+        structures[name] = load(folder / "structures" / f"{stem}{ext}", f"structure {name!r}", bool)
+    occupancy: dict[str, np.ndarray] = {}
+    for name in _field(doc, "occupancy", list, cj, []):
+        if name not in stem_of:
+            raise DataError(
+                f"{cj}: occupancy names {name!r}, which is not a structure of this case"
+            )
+        file = folder / "occupancy" / f"{stem_of[name]}{ext}"
+        occupancy[name] = load(file, f"occupancy of {name!r}", np.float32)
+    if grid is None:
+        raise DataError(f"{folder}: no grid in case.json and no image to take it from")
+
+    prescriptions = []
+    for i, p in enumerate(_field(doc, "prescriptions", list, cj, [])):
+        try:
+            prescriptions.append(Prescription(p["target"], p["dose_gy"], p["fractions"]))
+        except (KeyError, TypeError) as exc:
+            raise DataError(
+                f"{cj}: prescriptions[{i}] needs target, dose_gy and fractions ({exc!r})"
+            ) from exc
+    beams = None
+    if doc.get("beams") is not None:
+        try:
+            beams = Beams.from_dict(doc["beams"])
+        except (KeyError, TypeError) as exc:
+            raise DataError(
+                f"{cj}: field 'beams' needs isocenter_mm and gantry_deg ({exc!r})"
+            ) from exc
+    meta = dict(_field(doc, "meta", dict, cj, {}))
+    for key in _field(doc, "meta_arrays", list, cj, []):
+        npz = folder / "meta_arrays.npz"
+        try:
+            with np.load(npz, allow_pickle=False) as z:
+                meta[key] = z[key]
+        except (OSError, KeyError, ValueError) as exc:
+            raise DataError(
+                f"{npz}: cannot read meta array {key!r} listed in case.json ({exc})"
+            ) from exc
+    meta.update(source=str(folder), format="nifti")
+    return Case(
+        case_id=str(doc.get("case_id") or folder.name),
+        grid=grid,
+        ct=arrays.get("ct"),
+        structures=structures,
+        prescriptions=prescriptions,
+        beams=beams,
+        dose=arrays.get("dose"),
+        body=arrays.get("body"),
+        occupancy=occupancy,
+        meta=meta,
+    )
