@@ -1,0 +1,252 @@
+"""Differentiable (soft) dose metrics and the piecewise-linear scoring curve.
+
+Soft metrics smooth the exact DVH of ``dvh.py`` with a temperature ``tau`` in Gy and
+converge to the exact metric as ``tau -> 0``:
+
+* ``V(d)`` (volume receiving ``>= d``): ``sum_k w_k * sigmoid((d_k - d) / tau)``.
+* ``D(v)`` (dose at volume): the exact rule interpolates linearly between knots
+  ``(C_k, d_k)`` of the descending-sorted doses, which is the same as saying that voxel ``k``
+  spreads its volume ``w_k`` uniformly over the dose interval ``[d_k, d_{k-1}]`` (voxel 1 sits
+  as a step at ``d_1``). The soft DVH convolves each such ramp with a logistic kernel of
+  scale ``tau``:
+  ``R_k(x) = tau / h_k * [softplus((d_{k-1} - x) / tau) - softplus((d_k - x) / tau)]``,
+  ``h_k = d_{k-1} - d_k``, and ``V_soft(x) = sum_k w_k R_k(x)`` (strictly decreasing in x).
+  ``D_soft(v)`` solves ``V_soft(x) = v`` by bisection (no gradient), then takes one Newton
+  step ``x - (V_soft(x) - v) / V_soft'(x)`` inside autograd: the value is the root and the
+  gradient is exactly the implicit-function one,
+  ``dD/dd_i = -(dV_soft/dd_i) / V_soft'(x)``, spread over the voxels whose doses lie within a
+  few ``tau`` of the root. ``D(0) = max`` and ``D(V) = min`` use the soft max / min below.
+* max / min: softmax-weighted mean dose ``sum w_i e^{d_i/tau} d_i / sum w_i e^{d_i/tau}``
+  (and with ``-d``), which lies inside ``[min, max]`` and converges to the extreme.
+* mean dose and integral dose: exact.
+
+Every index (CI, HI, GI, ...) is built from these by the formulas of
+:func:`dosegym.scorecards.metrics.evaluate_spec`, shared with the exact engines. Work is done
+in ``float64``; results come back in the dose's dtype.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from dosegym.errors import ScorecardError
+from dosegym.scorecards.metrics import NEEDS_BODY, MetricSpec, evaluate_spec
+from dosegym.scorecards.metrics_torch import as_batch, gather, structure_values, torch_ratio
+
+Tensor = torch.Tensor
+_BISECTION_STEPS = 60
+_RAMP_AS_STEP = 1e-6  # ramps narrower than this many tau are treated as a step at their middle
+
+
+class SoftDVH:
+    """Smoothed DVHs of a batch over one structure (see the module docstring)."""
+
+    def __init__(
+        self,
+        values: Tensor,
+        weights_cc: Tensor | None,
+        voxel_volume_cc: float,
+        temperature_gy: float,
+    ) -> None:
+        self.dtype = values.dtype
+        self.values = values.double()  # (B, n)
+        n = values.shape[1]
+        self.w = (
+            torch.full((n,), float(voxel_volume_cc), dtype=torch.float64, device=values.device)
+            if weights_cc is None
+            else weights_cc.double()
+        )
+        self.total_volume_cc = float(self.w.sum())
+        self.tau = float(temperature_gy)
+        self._ramps: tuple[Tensor, Tensor, Tensor] | None = None
+
+    # -- smooth extremes and exact mean -------------------------------------------------
+    def _softmax_mean(self, sign: float) -> Tensor:
+        logits = sign * self.values / self.tau + torch.log(self.w)
+        return (torch.softmax(logits, dim=1) * self.values).sum(dim=1).to(self.dtype)
+
+    @property
+    def max_gy(self) -> Tensor:
+        return self._softmax_mean(1.0)
+
+    @property
+    def min_gy(self) -> Tensor:
+        return self._softmax_mean(-1.0)
+
+    @property
+    def mean_gy(self) -> Tensor:
+        return ((self.values * self.w).sum(dim=1) / self.total_volume_cc).to(self.dtype)
+
+    @property
+    def integral_dose_gy_l(self) -> Tensor:
+        return ((self.values * self.w).sum(dim=1) / 1000.0).to(self.dtype)
+
+    # -- volume at dose -----------------------------------------------------------------
+    def volume_at_dose(self, dose_gy: float, unit: str = "%") -> Tensor:
+        vol = (torch.sigmoid((self.values - dose_gy) / self.tau) * self.w).sum(dim=1)
+        if unit == "cc":
+            return vol.to(self.dtype)
+        if unit == "%":
+            return (100.0 * vol / self.total_volume_cc).to(self.dtype)
+        raise ScorecardError(f"volume unit {unit!r} is not valid; use '%' or 'cc'")
+
+    # -- dose at volume -----------------------------------------------------------------
+    def _ramp_bounds(self) -> tuple[Tensor, Tensor, Tensor]:
+        """``(lower d_k, upper d_{k-1}, w_k)`` of every voxel's ramp, sorted, ``(B, n)``."""
+        if self._ramps is None:
+            d, order = torch.sort(self.values, dim=1, descending=True, stable=True)
+            upper = torch.cat([d[:, :1], d[:, :-1]], dim=1)
+            self._ramps = (d, upper, self.w[order])
+        return self._ramps
+
+    def _soft_volume(self, x: Tensor, lower: Tensor, upper: Tensor, w: Tensor) -> Tensor:
+        """``V_soft(x)`` for ``x`` ``(B, 1)``: sum of logistic-smoothed ramps, ``(B,)``."""
+        tau = self.tau
+        h = upper - lower
+        step = h < _RAMP_AS_STEP * tau
+        h_safe = torch.where(step, torch.ones_like(h), h)
+        xu = (upper - x) / tau
+        xl = (lower - x) / tau
+        # below the ramp (xl >= 0) use sp(a) - sp(b) = (a - b) + sp(-a) - sp(-b): no cancellation
+        below = 1.0 + tau / h_safe * (F.softplus(-xu) - F.softplus(-xl))
+        above = tau / h_safe * (F.softplus(xu) - F.softplus(xl))
+        ramp = torch.where(xl >= 0, below, above)
+        ramp = torch.where(step, torch.sigmoid(0.5 * (xu + xl)), ramp)
+        return (ramp * w).sum(dim=1)
+
+    def _soft_volume_slope(self, x: Tensor, lower: Tensor, upper: Tensor, w: Tensor) -> Tensor:
+        """``dV_soft/dx`` (negative), ``(B,)``."""
+        tau = self.tau
+        h = upper - lower
+        step = h < _RAMP_AS_STEP * tau
+        h_safe = torch.where(step, torch.ones_like(h), h)
+        xu = (upper - x) / tau
+        xl = (lower - x) / tau
+        slope = -(torch.sigmoid(xu) - torch.sigmoid(xl)) / h_safe
+        mid = torch.sigmoid(0.5 * (xu + xl))
+        slope = torch.where(step, -mid * (1.0 - mid) / tau, slope)
+        return (slope * w).sum(dim=1)
+
+    def dose_at_volume(self, volume: float, unit: str = "%") -> Tensor:
+        if unit == "%":
+            v = float(volume) / 100.0 * self.total_volume_cc
+        elif unit == "cc":
+            v = float(volume)
+        else:
+            raise ScorecardError(f"volume unit {unit!r} is not valid; use '%' or 'cc'")
+        if v <= 0.0:
+            return self.max_gy
+        if v >= self.total_volume_cc:
+            return self.min_gy
+        lower, upper, w = self._ramp_bounds()
+        with torch.no_grad():
+            lo = (lower.detach().amin(dim=1, keepdim=True) - 50.0 * self.tau).clone()
+            hi = (upper.detach().amax(dim=1, keepdim=True) + 50.0 * self.tau).clone()
+            ld, ud = lower.detach(), upper.detach()
+            for _ in range(_BISECTION_STEPS):
+                mid = 0.5 * (lo + hi)
+                too_much = self._soft_volume(mid, ld, ud, w) > v  # root lies above mid
+                lo = torch.where(too_much[:, None], mid, lo)
+                hi = torch.where(too_much[:, None], hi, mid)
+            root = 0.5 * (lo + hi)
+            slope = self._soft_volume_slope(root, ld, ud, w)
+            slope = torch.where(slope < 0, slope, torch.full_like(slope, -1e-300))
+        v_at_root = self._soft_volume(root, lower, upper, w)  # carries the graph to the doses
+        out = root.squeeze(1) - (v_at_root - v) / slope
+        return out.to(self.dtype)
+
+
+def soft_metric_torch(
+    spec: MetricSpec,
+    dose_gy: Tensor,
+    mask: Tensor,
+    *,
+    temperature: float,
+    voxel_volume_cc: float,
+    rx_gy: float | None = None,
+    body: Tensor | None = None,
+    occupancy: Tensor | None = None,
+) -> Tensor:
+    """A differentiable version of ``spec`` for a batch ``(B, Z, Y, X)`` (Gy) over ``mask``.
+
+    ``temperature`` (Gy, > 0) sets the smoothing; as it goes to 0 the value converges to
+    :func:`~dosegym.scorecards.metrics_torch.compute_metric_torch`. Returns ``(B,)``
+    (0-d for a single ``(Z, Y, X)`` dose).
+    """
+    where = spec.kind.value
+    spec.validate(where)
+    if not (isinstance(temperature, (int, float)) and np.isfinite(temperature) and temperature > 0):
+        raise ScorecardError(f"{where}: temperature must be a finite number of Gy > 0, got {temperature!r}")
+    if not voxel_volume_cc > 0:
+        raise ScorecardError(f"{where}: voxel_volume_cc must be > 0, got {voxel_volume_cc}")
+    dose, batched = as_batch(dose_gy)
+    values, w = structure_values(dose, mask, occupancy, voxel_volume_cc, f"{where}: structure mask")
+    dvh = SoftDVH(values, w, voxel_volume_cc, temperature)
+    body_fn = None
+    if body is not None and spec.kind in NEEDS_BODY:
+        body_vals = gather(dose, body, f"{where}: body mask").double()
+
+        def body_fn(d: float) -> Tensor:
+            return torch.sigmoid((body_vals - d) / temperature).sum(dim=1) * voxel_volume_cc
+
+    out = evaluate_spec(spec, dvh, rx_gy=rx_gy, body_volume_cc=body_fn, ratio_fn=torch_ratio)
+    out = torch.as_tensor(out, device=dose.device).to(dose.dtype)
+    out = out.expand(dose.shape[0]) if out.ndim == 0 else out
+    return out if batched else out[0]
+
+
+# -- piecewise-linear scoring curves ------------------------------------------------------
+def _check_curve(xs: Sequence[float], ys: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    x = np.asarray(xs, dtype=np.float64).reshape(-1)
+    y = np.asarray(ys, dtype=np.float64).reshape(-1)
+    if x.size == 0 or x.shape != y.shape:
+        raise ScorecardError(
+            f"a piecewise-linear curve needs as many xs as ys (>= 1), got {x.size} and {y.size}"
+        )
+    if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y))):
+        raise ScorecardError("piecewise-linear curve points must be finite")
+    if np.any(np.diff(x) < 0):
+        raise ScorecardError(f"piecewise-linear xs must be sorted ascending, got {x.tolist()}")
+    return x, y
+
+
+def piecewise_linear(x: float | np.ndarray, xs: Sequence[float], ys: Sequence[float]):
+    """The curve through ``(xs[i], ys[i])`` at ``x`` (numpy), clamped to ``ys[0]`` below
+    ``xs[0]`` and ``ys[-1]`` above ``xs[-1]``. ``xs`` ascending; at a repeated x the curve
+    jumps and takes the right-hand value. One point gives a constant. Returns a float for a
+    scalar ``x``."""
+    px, py = _check_curve(xs, ys)
+    xa = np.asarray(x, dtype=np.float64)
+    if px.size == 1:
+        out = np.full_like(xa, py[0])
+    else:
+        xc = np.clip(xa, px[0], px[-1])
+        i = np.clip(np.searchsorted(px, xc, side="right"), 1, px.size - 1)
+        x0, x1, y0, y1 = px[i - 1], px[i], py[i - 1], py[i]
+        h = x1 - x0
+        t = np.where(h > 0, (xc - x0) / np.where(h > 0, h, 1.0), 1.0)
+        out = y0 + t * (y1 - y0)
+    return float(out) if np.ndim(out) == 0 else out
+
+
+def soft_piecewise_linear(x: Tensor, xs: Sequence[float], ys: Sequence[float]) -> Tensor:
+    """The torch twin of :func:`piecewise_linear` (same rule), differentiable in ``x``
+    almost everywhere (slope of the segment inside, 0 where clamped)."""
+    px, py = _check_curve(xs, ys)
+    if not isinstance(x, torch.Tensor):
+        raise ScorecardError(f"x must be a torch tensor, got {type(x).__name__}")
+    xt = x if torch.is_floating_point(x) else x.double()
+    tx = torch.as_tensor(px, dtype=xt.dtype, device=xt.device)
+    ty = torch.as_tensor(py, dtype=xt.dtype, device=xt.device)
+    if px.size == 1:
+        return ty[0].expand_as(xt) + 0.0 * xt
+    xc = torch.clamp(xt, tx[0], tx[-1])
+    i = torch.searchsorted(tx, xc.detach().contiguous(), right=True).clamp(1, px.size - 1)
+    x0, x1, y0, y1 = tx[i - 1], tx[i], ty[i - 1], ty[i]
+    h = x1 - x0
+    t = torch.where(h > 0, (xc - x0) / torch.where(h > 0, h, torch.ones_like(h)), torch.ones_like(h))
+    return y0 + t * (y1 - y0)
