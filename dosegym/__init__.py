@@ -12,6 +12,9 @@ from dosegym.errors import (
 
 __version__ = "0.1.0"
 
+# Registers the dosegym/ Gymnasium ids (entry-point strings: torch is not imported here).
+import dosegym.envs  # noqa: E402, F401
+
 __all__ = [
     "AgentError",
     "BenchError",

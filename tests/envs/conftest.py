@@ -1,0 +1,65 @@
+"""Fixtures of the environment tests: a tiny random DosePolicy (16^3), real OpenKBP patients,
+generated phantom anatomy."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from dosegym.diffusion import Any2Any, DosePolicy, ModelConfig, ModelSpec, UNetConfig
+
+REPO = Path(__file__).resolve().parents[2]
+TRAIN_PATS = REPO / ".." / "shared" / "data" / "openkbp" / "train-pats"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_thread():
+    """Tiny models run fastest on one thread; several threads on a loaded 2-core machine
+    spin-wait (a 16^3 forward goes from ~10 ms to ~300 ms)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_policy_config() -> ModelConfig:
+    spec = ModelSpec(shape=(16, 16, 16), spacing_mm=(10.0, 16.0, 16.0))
+    unet = UNetConfig(base_channels=4, channel_mult=(1, 2), groups=2, attention_heads=1)
+    return ModelConfig(spec=spec, unet=unet)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_config() -> ModelConfig:
+    return tiny_policy_config()
+
+
+@pytest.fixture(scope="session")
+def tiny_policy() -> DosePolicy:
+    """Random weights, 16^3 model grid, DDIM eta=1 (every step stochastic). The envs never
+    change a policy's weights, so one is shared by the session."""
+    torch.manual_seed(0)
+    return DosePolicy(Any2Any(tiny_policy_config()), sampler="ddim", eta=1.0)
+
+
+@pytest.fixture(scope="session")
+def pt108() -> str:
+    """Real OpenKBP patient folder (128^3, reference dose, 3 prescriptions)."""
+    path = TRAIN_PATS / "pt_108"
+    if not path.is_dir():
+        pytest.skip(f"OpenKBP sample patients not found at {TRAIN_PATS}")
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def train_pats(pt108) -> str:
+    return str(TRAIN_PATS)
+
+
+@pytest.fixture(scope="session")
+def prostate_cases():
+    """Two generated prostate phantoms (48 x 64 x 64 at 4 mm, anatomy and beams, no dose)."""
+    from dosegym.data.phantoms import generate_anatomy
+
+    return [generate_anatomy("prostate", index=i, seed=0) for i in range(2)]
