@@ -32,7 +32,8 @@ Entry = tuple[str, Callable[[], object]]
 
 
 def entries(data: Path, workdir: Path) -> list[Entry]:
-    """The timings to run: the CSV baseline and every case-folder extension, per patient."""
+    """The timings to run: the CSV baseline and every case-folder extension, per patient,
+    then one shipped phantom per site."""
     out: list[Entry] = []
     for rel in PATIENTS:
         src = data / rel
@@ -42,6 +43,9 @@ def entries(data: Path, workdir: Path) -> list[Entry]:
         for ext in EXTENSIONS:
             folder = write_case(case, workdir / f"{name}{ext.replace('.', '_')}", ext=ext)
             out.append((f"nifti-folder{ext} / {name}", lambda folder=folder: read_case(folder)))
+    for site in ("headneck", "prostate", "lung"):  # shipped phantoms (48x64x64 .npz)
+        ident = f"phantoms:{site}/0"
+        out.append((f"phantom-npz / {site}_000", lambda ident=ident: read_case(ident)))
     return out
 
 

@@ -26,9 +26,7 @@ def info(
     prescriptions: Path | None = typer.Option(
         None, "--prescriptions", help="GDP-HMM PTV_DICT.json with the prescriptions."
     ),
-    as_json: bool = typer.Option(
-        False, "--json", help="Print the summary as JSON instead of tables."
-    ),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON instead of tables."),
 ) -> None:
     """Print a summary of a case: grid, structures (cc), prescriptions, beams, dose."""
     from dosegym.data import read_case
@@ -82,14 +80,10 @@ def info(
 @friendly_errors
 def convert(
     src: str = typer.Argument(..., help="Any supported case (see 'dosegym data info --help')."),
-    out: Path = typer.Argument(
-        ..., help="Output folder (NIfTI layout: case.json, ct, dose, structures/)."
-    ),
+    out: Path = typer.Argument(..., help="Output folder (NIfTI layout: case.json, ct, dose, structures/)."),
     ext: str = typer.Option(".nii.gz", "--ext", help="Image extension: .nii.gz, .mha or .nrrd."),
     trusted: bool = typer.Option(False, "--trusted", help="Allow unpickling GDP-HMM .npz files."),
-    prescriptions: Path | None = typer.Option(
-        None, "--prescriptions", help="GDP-HMM PTV_DICT.json."
-    ),
+    prescriptions: Path | None = typer.Option(None, "--prescriptions", help="GDP-HMM PTV_DICT.json."),
 ) -> None:
     """Convert any supported input into the NIfTI folder layout."""
     from dosegym.data import read_case, write_case
@@ -108,18 +102,16 @@ def convert(
 @app.command("phantoms")
 @friendly_errors
 def phantoms(
-    out: Path = typer.Option(
-        Path("phantoms"), "--out", help="Output folder for the phantom .npz files."
-    ),
+    out: Path = typer.Option(Path("phantoms"), "--out", help="Output folder for the phantom .npz files."),
     n: int = typer.Option(4, "--n", min=1, help="Number of phantoms per site."),
-    site: list[str] = typer.Option(
-        ["headneck"], "--site", help="Site(s): headneck, prostate, lung."
-    ),
+    site: list[str] = typer.Option(["headneck"], "--site", help="Site(s): headneck, prostate, lung."),
     seed: int = typer.Option(0, "--seed", help="Seed of the anatomy generator."),
     dose: str = typer.Option(
         "auto",
         "--dose",
-        help="Reference dose: 'pyradplan' (physics extra), 'shipped' (copy the shipped set), 'none', or 'auto'.",
+        help="Reference dose: 'pyradplan' (physics extra), 'shipped' (copy the shipped set: "
+        "seed 0, indices 0..31), 'none' (anatomy only), or 'auto' (pyradplan if installed, else "
+        "the shipped file when it exists, else anatomy only with a warning).",
     ),
 ) -> None:
     """Generate procedural phantoms (anatomy, PTVs, OARs, beams, reference dose) as .npz files."""

@@ -6,6 +6,8 @@ import typer
 
 from dosegym import __version__
 from dosegym.cli import data as data_cli
+from dosegym.cli import model as model_cli
+from dosegym.cli import score as score_cli
 
 app = typer.Typer(
     name="dosegym",
@@ -15,6 +17,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(data_cli.app, name="data")
+app.command("pretrain")(model_cli.pretrain)
+app.command("predict")(model_cli.predict)
+app.command("score")(score_cli.score)
 
 
 def _version(value: bool) -> None:
@@ -25,6 +30,8 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def main(
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
 ) -> None:
     """dosegym: data, scorecards, the pretrained dose model and Gymnasium environments."""

@@ -79,13 +79,9 @@ class Prescription:
 
     def __post_init__(self) -> None:
         if not np.isfinite(self.dose_gy) or self.dose_gy <= 0:
-            raise DataError(
-                f"Prescription for {self.target!r}: dose_gy must be > 0, got {self.dose_gy}"
-            )
+            raise DataError(f"Prescription for {self.target!r}: dose_gy must be > 0, got {self.dose_gy}")
         if int(self.fractions) < 1:
-            raise DataError(
-                f"Prescription for {self.target!r}: fractions must be >= 1, got {self.fractions}"
-            )
+            raise DataError(f"Prescription for {self.target!r}: fractions must be >= 1, got {self.fractions}")
         object.__setattr__(self, "dose_gy", float(self.dose_gy))
         object.__setattr__(self, "fractions", int(self.fractions))
 
@@ -107,9 +103,7 @@ class Beams:
         iso = tuple(float(v) for v in np.asarray(self.isocenter_mm, dtype=float).reshape(-1))
         if len(iso) != 3 or not all(np.isfinite(iso)):
             raise DataError(f"Beams.isocenter_mm must be 3 finite mm values (z, y, x), got {iso}")
-        angles = tuple(
-            float(a) % 360.0 for a in np.asarray(self.gantry_deg, dtype=float).reshape(-1)
-        )
+        angles = tuple(float(a) % 360.0 for a in np.asarray(self.gantry_deg, dtype=float).reshape(-1))
         if not angles:
             raise DataError("Beams.gantry_deg must hold at least one angle")
         if self.technique not in ("IMRT", "VMAT"):
@@ -195,9 +189,7 @@ class Case:
                 continue
             arr = np.asarray(arr)
             if arr.shape != shape:
-                raise self._fail(
-                    name, f"shape {arr.shape} does not match grid shape {shape} (z, y, x)"
-                )
+                raise self._fail(name, f"shape {arr.shape} does not match grid shape {shape} (z, y, x)")
             arr = arr.astype(np.float32, copy=False)
             if not np.all(np.isfinite(arr)):
                 raise self._fail(
@@ -205,9 +197,7 @@ class Case:
                     f"contains {int((~np.isfinite(arr)).sum())} non-finite values (NaN or inf)",
                 )
             if name == "dose" and arr.min() < 0:
-                raise self._fail(
-                    name, f"negative dose ({float(arr.min()):.4g} Gy); dose must be >= 0 Gy"
-                )
+                raise self._fail(name, f"negative dose ({float(arr.min()):.4g} Gy); dose must be >= 0 Gy")
             setattr(self, name, arr)
         if self.body is not None:
             self.body = self._check_mask("body", self.body)
@@ -218,15 +208,11 @@ class Case:
         for oname, occ in self.occupancy.items():
             occ = np.asarray(occ, dtype=np.float32)
             if occ.shape != shape:
-                raise self._fail(
-                    f"occupancy[{oname!r}]", f"shape {occ.shape} does not match grid {shape}"
-                )
+                raise self._fail(f"occupancy[{oname!r}]", f"shape {occ.shape} does not match grid {shape}")
             if not np.all(np.isfinite(occ)) or occ.min() < 0 or occ.max() > 1:
                 raise self._fail(f"occupancy[{oname!r}]", "must be finite and within [0, 1]")
             if oname not in self.structures:
-                raise self._fail(
-                    f"occupancy[{oname!r}]", "has no boolean structure of the same name"
-                )
+                raise self._fail(f"occupancy[{oname!r}]", "has no boolean structure of the same name")
             self.occupancy[oname] = occ
         for i, rx in enumerate(self.prescriptions):
             if not isinstance(rx, Prescription):
@@ -242,9 +228,7 @@ class Case:
     def _check_mask(self, fld: str, mask) -> np.ndarray:
         arr = np.asarray(mask)
         if arr.shape != self.grid.shape:
-            raise self._fail(
-                fld, f"shape {arr.shape} does not match grid shape {self.grid.shape} (z, y, x)"
-            )
+            raise self._fail(fld, f"shape {arr.shape} does not match grid shape {self.grid.shape} (z, y, x)")
         if arr.dtype != bool:
             if not np.all(np.isfinite(arr)):
                 raise self._fail(fld, "mask contains non-finite values")
@@ -262,20 +246,14 @@ class Case:
     def targets(self) -> list[str]:
         """Structures that carry a prescription, then any other PTV/CTV/GTV/ITV, sorted by Rx."""
         rx_targets = [p.target for p in sorted(self.prescriptions, key=lambda p: -p.dose_gy)]
-        others = [
-            n
-            for n in self.structures
-            if n.upper().startswith(TARGET_PREFIXES) and n not in rx_targets
-        ]
+        others = [n for n in self.structures if n.upper().startswith(TARGET_PREFIXES) and n not in rx_targets]
         return rx_targets + sorted(others)
 
     @property
     def oars(self) -> list[str]:
         """Every structure that is neither a target nor the body."""
         targets = set(self.targets)
-        return [
-            n for n in self.structures if n not in targets and n.strip().lower() not in BODY_NAMES
-        ]
+        return [n for n in self.structures if n not in targets and n.strip().lower() not in BODY_NAMES]
 
     @property
     def max_prescription_gy(self) -> float | None:
@@ -321,9 +299,7 @@ class Case:
             "source": self.source,
             "format": self.meta.get("format"),
             "grid": self.grid.to_dict(),
-            "ct_hu": None
-            if self.ct is None
-            else {"min": float(self.ct.min()), "max": float(self.ct.max())},
+            "ct_hu": None if self.ct is None else {"min": float(self.ct.min()), "max": float(self.ct.max())},
             "body_cc": None if self.body is None else float(self.body.sum()) * self.voxel_volume_cc,
             "structures": {n: round(self.volume_cc(n), 3) for n in self.structures},
             "prescriptions": [

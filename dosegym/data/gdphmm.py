@@ -86,9 +86,7 @@ def patient_id(path: str | Path) -> str:
 def _site(path: Path, pid: str, site: str | None) -> tuple[str, str]:
     if site is not None:
         if site not in DEFAULT_FRACTIONS:
-            raise DataError(
-                f"site {site!r} is not a GDP-HMM site; valid: {sorted(DEFAULT_FRACTIONS)}"
-            )
+            raise DataError(f"site {site!r} is not a GDP-HMM site; valid: {sorted(DEFAULT_FRACTIONS)}")
         return site, "argument"
     folders = {p.lower() for p in path.resolve().parent.parts}
     if "lung" in folders:
@@ -109,9 +107,7 @@ def _load_dict(path: Path, trusted: bool) -> dict[str, Any]:
     except (OSError, ValueError, zipfile.BadZipFile) as exc:
         raise DataError(f"{path}: not a readable .npz file ({exc})") from exc
     if files != ["arr_0"]:
-        raise DataError(
-            f"{path}: a GDP-HMM .npz holds exactly one entry 'arr_0', found {files[:8]}"
-        )
+        raise DataError(f"{path}: a GDP-HMM .npz holds exactly one entry 'arr_0', found {files[:8]}")
     if not trusted:
         raise DataError(
             f"{path}: GDP-HMM files store the plan as a pickled Python dict, and unpickling can "
@@ -136,9 +132,7 @@ def _triple(plan: dict, key: str, path: Path, default) -> tuple[float, ...] | No
         return default
     arr = np.asarray(value, dtype=float).reshape(-1)
     if arr.shape != (3,) or not np.all(np.isfinite(arr)):
-        raise DataError(
-            f"{path}: '{key}' must be 3 finite numbers (SimpleITK x, y, z), got {arr.tolist()}"
-        )
+        raise DataError(f"{path}: '{key}' must be 3 finite numbers (SimpleITK x, y, z), got {arr.tolist()}")
     return tuple(arr[::-1].tolist())
 
 
@@ -149,16 +143,13 @@ def _grid(plan: dict, shape: tuple[int, int, int], path: Path) -> Grid:
     if plan.get("direction") is not None:
         d = np.asarray(plan["direction"], dtype=float).reshape(-1)
         if d.shape != (9,):
-            raise DataError(
-                f"{path}: 'direction' must have 9 values (SimpleITK row-major), got {d.size}"
-            )
+            raise DataError(f"{path}: 'direction' must have 9 values (SimpleITK row-major), got {d.size}")
         direction = d.reshape(3, 3)[::-1, ::-1]
     if plan.get("size") is not None:
         size = tuple(int(v) for v in np.asarray(plan["size"]).reshape(-1))
         if size not in (shape, shape[::-1]):
             raise DataError(
-                f"{path}: 'size' {size} matches neither the image shape {shape} (z, y, x) "
-                "nor its reverse"
+                f"{path}: 'size' {size} matches neither the image shape {shape} (z, y, x) nor its reverse"
             )
     try:
         return Grid(shape, spacing, origin, tuple(map(tuple, direction)))
@@ -180,8 +171,7 @@ def _prescriptions(
     if not isinstance(table, dict) or pid not in table:
         some = sorted(table)[:5] if isinstance(table, dict) else []
         raise DataError(
-            f"{prescriptions_json}: no entry for patient {pid!r} (from {path.name}); "
-            f"ids look like {some}"
+            f"{prescriptions_json}: no entry for patient {pid!r} (from {path.name}); ids look like {some}"
         )
     entry = table[pid]
     if not isinstance(entry, dict) or "PTV_High" not in entry:
@@ -191,11 +181,7 @@ def _prescriptions(
         if level not in entry:
             continue
         item = entry[level]
-        name = (
-            item.get("OPTName")
-            if level == "PTV_High"
-            else item.get("StructName") or item.get("OPTName")
-        )
+        name = item.get("OPTName") if level == "PTV_High" else item.get("StructName") or item.get("OPTName")
         if not name or "PDose" not in item:
             raise DataError(
                 f"{prescriptions_json}: {pid}.{level} needs 'OPTName' (or 'StructName') and 'PDose'"
@@ -208,9 +194,7 @@ def _prescriptions(
         try:
             out.append(Prescription(name, float(item["PDose"]), fractions))
         except (TypeError, ValueError) as exc:
-            raise DataError(
-                f"{prescriptions_json}: {pid}.{level}.PDose must be a number ({exc})"
-            ) from exc
+            raise DataError(f"{prescriptions_json}: {pid}.{level}.PDose must be a number ({exc})") from exc
     return out
 
 
@@ -235,9 +219,7 @@ def read_gdphmm(
     p = Path(path)
     plan = _load_dict(p, trusted)
     if "img" not in plan:
-        raise DataError(
-            f"{p}: the plan dict has no 'img' (CT); keys: {sorted(map(str, plan))[:12]}"
-        )
+        raise DataError(f"{p}: the plan dict has no 'img' (CT); keys: {sorted(map(str, plan))[:12]}")
     ct = np.asarray(plan["img"])
     if ct.ndim != 3:
         raise DataError(f"{p}: 'img' must be a 3-D (z, y, x) array, got shape {ct.shape}")
@@ -247,9 +229,7 @@ def read_gdphmm(
     def volume(key: str) -> np.ndarray:
         arr = np.asarray(plan[key])
         if arr.shape != shape:
-            raise DataError(
-                f"{p}: '{key}' has shape {arr.shape}; it must match 'img' {shape} (z, y, x)"
-            )
+            raise DataError(f"{p}: '{key}' has shape {arr.shape}; it must match 'img' {shape} (z, y, x)")
         return arr
 
     dose = None
@@ -298,9 +278,7 @@ def read_gdphmm(
     if "isocenter" in plan:
         iso = np.asarray(plan["isocenter"], dtype=float).reshape(-1)
         if iso.shape != (3,) or not np.all(np.isfinite(iso)):
-            raise DataError(
-                f"{p}: 'isocenter' must be 3 voxel indices (z, y, x), got {iso.tolist()}"
-            )
+            raise DataError(f"{p}: 'isocenter' must be 3 voxel indices (z, y, x), got {iso.tolist()}")
         angles = np.asarray(plan.get("angle_list", []), dtype=float).reshape(-1)
         if angles.size == 0:
             raise DataError(f"{p}: 'isocenter' is present but 'angle_list' is empty or missing")
@@ -367,9 +345,7 @@ def write_gdphmm(
         peak = float(case.dose.max())
         scale = float(dose_scale) if dose_scale is not None else max(1e-5, peak / (2**32 - 1))
         if not np.isfinite(scale) or scale <= 0 or peak / scale > 2**32 - 1:
-            raise DataError(
-                f"dose_scale {dose_scale}: must be > 0 and keep {peak:.4g} Gy within uint32"
-            )
+            raise DataError(f"dose_scale {dose_scale}: must be > 0 and keep {peak:.4g} Gy within uint32")
         plan["dose"] = np.rint(case.dose.astype(np.float64) / scale).astype(np.uint32)
         plan["dose_scale"] = scale
     for name, mask in case.structures.items():

@@ -50,9 +50,7 @@ def _source_direction(gantry_deg: float) -> np.ndarray:
 
 
 def _coplanar(beams: Beams) -> None:
-    if beams.couch_deg is not None and any(
-        abs(((c + 180) % 360) - 180) > 1e-6 for c in beams.couch_deg
-    ):
+    if beams.couch_deg is not None and any(abs(((c + 180) % 360) - 180) > 1e-6 for c in beams.couch_deg):
         raise DataError(
             f"beams.couch_deg {list(beams.couch_deg)}: only coplanar beams (couch 0°) are supported"
         )
@@ -146,9 +144,7 @@ def _single_beam_plate(
     if not inverse_square:
         return lit.astype(np.float32)
     dist2 = t * t + du * du + dv * dv  # (t, u, v) is an orthonormal frame at the source
-    return np.where(lit, np.float32(sad_mm**2) / np.maximum(dist2, np.float32(1e-6)), 0).astype(
-        np.float32
-    )
+    return np.where(lit, np.float32(sad_mm**2) / np.maximum(dist2, np.float32(1e-6)), 0).astype(np.float32)
 
 
 def beam_plate(
@@ -191,9 +187,7 @@ def beam_plate(
         raise DataError(f"beam_plate: source_distance_mm must be > 0, got {source_distance_mm}")
     mask = np.asarray(target_mask, dtype=bool)
     if mask.shape != grid.shape:
-        raise DataError(
-            f"beam_plate: target_mask shape {mask.shape} does not match grid {grid.shape}"
-        )
+        raise DataError(f"beam_plate: target_mask shape {mask.shape} does not match grid {grid.shape}")
     if not mask.any():
         raise DataError("beam_plate: target_mask is empty")
     _coplanar(beams)
@@ -202,9 +196,7 @@ def beam_plate(
     iso = np.asarray(beams.isocenter_mm, dtype=float)
     plate = np.zeros(grid.shape, dtype=np.float32)
     for angle in plate_angles(beams, vmat_stride):
-        plate += _single_beam_plate(
-            grid, surface_idx, iso, angle, source_distance_mm, inverse_square
-        )
+        plate += _single_beam_plate(grid, surface_idx, iso, angle, source_distance_mm, inverse_square)
     return plate
 
 
@@ -212,8 +204,7 @@ def _axial_check(grid: Grid) -> None:
     d = np.asarray(grid.direction)
     if abs(abs(d[0, 0]) - 1) > 1e-4 or abs(d[0, 1]) > 1e-4 or abs(d[0, 2]) > 1e-4:
         raise DataError(
-            "angle plate needs axial slices (index axis 0 along patient z); "
-            f"grid direction is {d.tolist()}"
+            f"angle plate needs axial slices (index axis 0 along patient z); grid direction is {d.tolist()}"
         )
 
 
@@ -222,9 +213,7 @@ def isocenter_slice(grid: Grid, beams: Beams) -> int:
     return int(np.rint(grid.mm_to_index(beams.isocenter_mm)[0]))
 
 
-def angle_plate_axial(
-    grid: Grid, beams: Beams, *, line_width_mm: float | None = None
-) -> np.ndarray:
+def angle_plate_axial(grid: Grid, beams: Beams, *, line_width_mm: float | None = None) -> np.ndarray:
     """The 2-D (y, x) angle plate: 1 on a line from the isocenter toward each beam's source.
 
     ``line_width_mm`` defaults to the larger in-plane voxel spacing (a line one voxel wide).
@@ -252,9 +241,7 @@ def angle_plate_axial(
     return plate.astype(np.float32)
 
 
-def stack_angle_plate(
-    plate_2d: np.ndarray, nz: int, iso_z: int, half_slices: int = 5
-) -> np.ndarray:
+def stack_angle_plate(plate_2d: np.ndarray, nz: int, iso_z: int, half_slices: int = 5) -> np.ndarray:
     """Repeat a 2-D (y, x) angle plate on slices ``iso_z - half_slices .. iso_z + half_slices - 1``.
 
     Slices outside ``[0, nz)`` are dropped (the organisers' loader clips the same way).

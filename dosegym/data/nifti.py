@@ -57,9 +57,7 @@ _SAFE_STEM = re.compile(r"^[A-Za-z0-9_\-]{1,100}$")
 def check_image_ext(ext: str) -> str:
     """Return ``ext`` if it is a supported image extension, else raise ``DataError``."""
     if ext not in IMAGE_EXTENSIONS:
-        raise DataError(
-            f"image extension {ext!r} is not supported; valid: {list(IMAGE_EXTENSIONS)}"
-        )
+        raise DataError(f"image extension {ext!r} is not supported; valid: {list(IMAGE_EXTENSIONS)}")
     return ext
 
 
@@ -175,8 +173,7 @@ def write_nifti_folder(case: Case, path: str | Path, ext: str = ".nii.gz") -> Pa
         "structures": [{"name": n, "file": s} for n, s in zip(names, stems, strict=True)],
         "occupancy": [n for n in names if n in case.occupancy],
         "prescriptions": [
-            {"target": p.target, "dose_gy": p.dose_gy, "fractions": p.fractions}
-            for p in case.prescriptions
+            {"target": p.target, "dose_gy": p.dose_gy, "fractions": p.fractions} for p in case.prescriptions
         ],
         "beams": None if case.beams is None else case.beams.to_dict(),
         "meta": meta_json,
@@ -186,9 +183,7 @@ def write_nifti_folder(case: Case, path: str | Path, ext: str = ".nii.gz") -> Pa
     grid = case.grid
 
     def put(array: np.ndarray, file: Path, dtype) -> None:
-        sitk.WriteImage(
-            _to_image(np.asarray(array).astype(dtype, copy=False), grid), str(file), True
-        )
+        sitk.WriteImage(_to_image(np.asarray(array).astype(dtype, copy=False), grid), str(file), True)
 
     with atomic_path(dest) as tmp:
         tmp.mkdir()
@@ -243,9 +238,7 @@ def read_nifti_folder(path: str | Path) -> Case:
         raise DataError(f"{cj}: must hold a JSON object")
     version = doc.get("format_version", FORMAT_VERSION)
     if version != FORMAT_VERSION:
-        raise DataError(
-            f"{cj}: format_version {version!r} is not supported; valid: {FORMAT_VERSION}"
-        )
+        raise DataError(f"{cj}: format_version {version!r} is not supported; valid: {FORMAT_VERSION}")
     ext = check_image_ext(_field(doc, "image_ext", str, cj, None) or _detect_ext(folder))
 
     grid: Grid | None = None
@@ -253,9 +246,7 @@ def read_nifti_folder(path: str | Path) -> Case:
         try:
             grid = Grid.from_dict(doc["grid"])
         except (KeyError, TypeError) as exc:
-            raise DataError(
-                f"{cj}: field 'grid' needs shape, spacing_mm, origin_mm ({exc})"
-            ) from exc
+            raise DataError(f"{cj}: field 'grid' needs shape, spacing_mm, origin_mm ({exc})") from exc
 
     def load(file: Path, what: str, dtype) -> np.ndarray:
         nonlocal grid
@@ -264,9 +255,7 @@ def read_nifti_folder(path: str | Path) -> Case:
         try:
             img = sitk.ReadImage(str(file))
         except RuntimeError as exc:
-            raise DataError(
-                f"{file}: not a readable {ext} image ({str(exc).strip()[:200]})"
-            ) from exc
+            raise DataError(f"{file}: not a readable {ext} image ({str(exc).strip()[:200]})") from exc
         try:
             g = _grid_of(img)
         except DataError as exc:
@@ -280,9 +269,7 @@ def read_nifti_folder(path: str | Path) -> Case:
         return sitk.GetArrayFromImage(img).astype(dtype, copy=False)
 
     listed = _field(doc, "volumes", list, cj, None)
-    volumes = (
-        listed if listed is not None else [v for v in VOLUMES if (folder / f"{v}{ext}").is_file()]
-    )
+    volumes = listed if listed is not None else [v for v in VOLUMES if (folder / f"{v}{ext}").is_file()]
     unknown = [v for v in volumes if v not in VOLUMES]
     if unknown:
         raise DataError(f"{cj}: field 'volumes' has {unknown}; valid: {list(VOLUMES)}")
@@ -304,9 +291,7 @@ def read_nifti_folder(path: str | Path) -> Case:
             or not isinstance(entry.get("name"), str)
             or not isinstance(entry.get("file"), str)
         ):
-            raise DataError(
-                f"{cj}: structures[{i}] must be {{'name': str, 'file': str}}, got {entry!r}"
-            )
+            raise DataError(f"{cj}: structures[{i}] must be {{'name': str, 'file': str}}, got {entry!r}")
         name, stem = entry["name"], entry["file"]
         if "/" in stem or "\\" in stem or stem.startswith("."):
             raise DataError(f"{cj}: structures[{i}].file {stem!r} must be a plain file stem")
@@ -315,9 +300,7 @@ def read_nifti_folder(path: str | Path) -> Case:
     occupancy: dict[str, np.ndarray] = {}
     for name in _field(doc, "occupancy", list, cj, []):
         if name not in stem_of:
-            raise DataError(
-                f"{cj}: occupancy names {name!r}, which is not a structure of this case"
-            )
+            raise DataError(f"{cj}: occupancy names {name!r}, which is not a structure of this case")
         file = folder / "occupancy" / f"{stem_of[name]}{ext}"
         occupancy[name] = load(file, f"occupancy of {name!r}", np.float32)
     if grid is None:
@@ -336,9 +319,7 @@ def read_nifti_folder(path: str | Path) -> Case:
         try:
             beams = Beams.from_dict(doc["beams"])
         except (KeyError, TypeError) as exc:
-            raise DataError(
-                f"{cj}: field 'beams' needs isocenter_mm and gantry_deg ({exc!r})"
-            ) from exc
+            raise DataError(f"{cj}: field 'beams' needs isocenter_mm and gantry_deg ({exc!r})") from exc
     meta = dict(_field(doc, "meta", dict, cj, {}))
     for key in _field(doc, "meta_arrays", list, cj, []):
         npz = folder / "meta_arrays.npz"
@@ -346,9 +327,7 @@ def read_nifti_folder(path: str | Path) -> Case:
             with np.load(npz, allow_pickle=False) as z:
                 meta[key] = z[key]
         except (OSError, KeyError, ValueError) as exc:
-            raise DataError(
-                f"{npz}: cannot read meta array {key!r} listed in case.json ({exc})"
-            ) from exc
+            raise DataError(f"{npz}: cannot read meta array {key!r} listed in case.json ({exc})") from exc
     meta.update(source=str(folder), format="nifti")
     return Case(
         case_id=str(doc.get("case_id") or folder.name),

@@ -73,17 +73,13 @@ def _read_sparse(path: Path, with_values: bool) -> tuple[np.ndarray, np.ndarray 
             return table[:, 0].astype(np.int64), table[:, 1].astype(np.float32)
         return np.array(text.replace(",", " ").split(), dtype=np.int64), None
     except ValueError as exc:
-        raise DataError(
-            f"{path}: malformed sparse CSV rows ({exc}); expected 'flat_index,value'"
-        ) from exc
+        raise DataError(f"{path}: malformed sparse CSV rows ({exc}); expected 'flat_index,value'") from exc
 
 
 def _to_zyx(flat_idx: np.ndarray, values, path: Path, dtype) -> np.ndarray:
     n = int(np.prod(OPENKBP_SHAPE))
     if flat_idx.size and (flat_idx.min() < 0 or flat_idx.max() >= n):
-        raise DataError(
-            f"{path}: flat index out of range [0, {n}); the structure lies outside the grid"
-        )
+        raise DataError(f"{path}: flat index out of range [0, {n}); the structure lies outside the grid")
     raw = np.zeros(n, dtype=dtype)
     raw[flat_idx] = True if values is None else values
     return np.ascontiguousarray(raw.reshape(OPENKBP_SHAPE).transpose(2, 0, 1)[::-1])
@@ -104,13 +100,9 @@ def read_openkbp(path: str | Path, fractions: int = OPENKBP_FRACTIONS) -> Case:
     try:
         vox = np.loadtxt(folder / "voxel_dimensions.csv", dtype=float).reshape(-1)
     except ValueError as exc:
-        raise DataError(
-            f"{folder / 'voxel_dimensions.csv'}: expected three floats ({exc})"
-        ) from exc
+        raise DataError(f"{folder / 'voxel_dimensions.csv'}: expected three floats ({exc})") from exc
     if vox.shape != (3,) or np.any(vox <= 0):
-        raise DataError(
-            f"{folder / 'voxel_dimensions.csv'}: expected three positive floats, got {vox}"
-        )
+        raise DataError(f"{folder / 'voxel_dimensions.csv'}: expected three positive floats, got {vox}")
     spacing = (float(vox[2]), float(vox[0]), float(vox[1]))
     shape = OPENKBP_SHAPE
     origin = tuple(-(n - 1) / 2 * s for n, s in zip(shape, spacing))

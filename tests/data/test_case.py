@@ -45,9 +45,7 @@ def test_valid_case_converts_dtypes_and_reports_volumes() -> None:
     assert case.ct.dtype == np.float32 and case.structures["PTV60"].dtype == bool
     assert case.voxel_volume_cc == pytest.approx(0.002)
     assert case.volume_cc("PTV60") == pytest.approx(0.002)
-    assert case.summary()["prescriptions"] == [
-        {"target": "PTV60", "dose_gy": 60.0, "fractions": 30}
-    ]
+    assert case.summary()["prescriptions"] == [{"target": "PTV60", "dose_gy": 60.0, "fractions": 30}]
 
 
 @pytest.mark.parametrize(
@@ -141,9 +139,7 @@ def test_structure_lookup_by_alias() -> None:
 
 
 def test_roles() -> None:
-    case = make(
-        structures={**make().structures, "PTV54": mask(0, 0, 0), "External": np.ones(SHAPE, bool)}
-    )
+    case = make(structures={**make().structures, "PTV54": mask(0, 0, 0), "External": np.ones(SHAPE, bool)})
     assert case.targets == ["PTV60", "PTV54"]
     assert case.oars == ["SpinalCord", "Parotid_L"]
     assert case.max_prescription_gy == 60.0

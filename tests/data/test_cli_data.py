@@ -15,17 +15,9 @@ from dosegym.data.gdphmm import write_gdphmm
 from dosegym.data.nifti import write_nifti_folder
 
 PATIENT = (
-    Path(__file__).resolve().parents[2]
-    / ".."
-    / "shared"
-    / "data"
-    / "openkbp"
-    / "validation-pats"
-    / "pt_201"
+    Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "openkbp" / "validation-pats" / "pt_201"
 )
-needs_patient = pytest.mark.skipif(
-    not PATIENT.is_dir(), reason=f"OpenKBP patient not found at {PATIENT}"
-)
+needs_patient = pytest.mark.skipif(not PATIENT.is_dir(), reason=f"OpenKBP patient not found at {PATIENT}")
 runner = CliRunner()
 
 

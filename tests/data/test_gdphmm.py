@@ -82,9 +82,7 @@ def test_reads_the_organisers_layout(tmp_path: Path, ptv_json: Path) -> None:
     assert case.meta["empty_structures"] == ["Lens_L", "Chiasm"]
     assert np.array_equal(case.body, raw["Body"].astype(bool))
     # isocenter voxel indices are array-axis order (z, y, x)
-    assert case.beams.isocenter_mm == pytest.approx(
-        (-20.0 + 4 * 2.0, -150.0 + 7 * 2.5, -100.0 + 6 * 2.5)
-    )
+    assert case.beams.isocenter_mm == pytest.approx((-20.0 + 4 * 2.0, -150.0 + 7 * 2.5, -100.0 + 6 * 2.5))
     assert case.beams.technique == "VMAT" and case.beams.gantry_deg == (181.0, 179.0, 183.0)
     assert case.prescriptions == [
         Prescription("PTV70OPT", 70.0, 35),

@@ -104,9 +104,7 @@ def test_shadow_diverges_from_a_near_source() -> None:
 def test_beams_sum_and_vmat_uses_every_other_angle() -> None:
     target = cube(2)
     both = beam_plate(GRID, target, beams(90.0, 270.0))
-    assert np.allclose(
-        both, beam_plate(GRID, target, beams(90.0)) + beam_plate(GRID, target, beams(270.0))
-    )
+    assert np.allclose(both, beam_plate(GRID, target, beams(90.0)) + beam_plate(GRID, target, beams(270.0)))
     assert both[ISO_IDX] == pytest.approx(2.0, abs=1e-5)
     vmat = beam_plate(GRID, target, beams(50.0, 0.0, 30.0, 10.0, 40.0, 20.0, technique="VMAT"))
     imrt = beam_plate(GRID, target, beams(0.0, 20.0, 40.0))

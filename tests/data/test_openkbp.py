@@ -50,10 +50,7 @@ def test_target_dose_exceeds_every_oar(case: Case) -> None:
 def test_dose_falls_off_away_from_the_targets(case: Case) -> None:
     targets = np.logical_or.reduce([case.structures[t] for t in case.targets])
     distance = ndimage.distance_transform_edt(~targets, sampling=case.grid.spacing_mm)
-    shells = [
-        case.dose[(distance > r) & (distance <= r + 10) & case.body].mean()
-        for r in range(0, 70, 10)
-    ]
+    shells = [case.dose[(distance > r) & (distance <= r + 10) & case.body].mean() for r in range(0, 70, 10)]
     assert np.all(np.diff(shells) < 0), shells
 
 

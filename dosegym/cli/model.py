@@ -1,0 +1,143 @@
+"""``dosegym pretrain`` and ``dosegym predict``: train the Any2Any dose model, predict a dose."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import typer
+
+from dosegym.cli._common import console, friendly_errors
+from dosegym.errors import ModelError
+
+
+@friendly_errors
+def pretrain(
+    config: Path = typer.Option(..., "--config", help="Pretraining YAML (e.g. configs/pretrain_cpu.yaml)."),
+    openkbp: Path | None = typer.Option(
+        None,
+        "--openkbp",
+        help="OpenKBP root (with train-pats/) or its train-pats folder; overrides data.openkbp_dir.",
+    ),
+    resume: bool = typer.Option(
+        False, "--resume", help="Continue the run in --out exactly where its checkpoint stopped."
+    ),
+    out: Path = typer.Option(
+        Path("runs/pretrain"),
+        "--out",
+        help="Run folder: checkpoint/, tb/ (TensorBoard), config.yaml.",
+    ),
+    cache: Path | None = typer.Option(
+        None,
+        "--cache",
+        help="Cache folder for preprocessed cases (default $DOSEGYM_CACHE or ~/.cache/dosegym).",
+    ),
+    objective: str | None = typer.Option(
+        None,
+        "--objective",
+        help="'diffusion' (default) or 'regression' (deterministic L1 baseline).",
+    ),
+    until: int | None = typer.Option(
+        None, "--until", help="Stop after this step (resume later with --resume)."
+    ),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
+) -> None:
+    """Pretrain the Any2Any dose diffusion model (works under `accelerate launch` too)."""
+    from dosegym.diffusion.config import PretrainConfig
+    from dosegym.diffusion.train import pretrain as run
+
+    cfg = PretrainConfig.from_yaml(config)
+    data_updates: dict = {}
+    if openkbp is not None:
+        data_updates["openkbp_dir"] = str(openkbp)
+    if cache is not None:
+        data_updates["cache_dir"] = str(cache)
+    if data_updates:
+        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update=data_updates)})
+    if objective is not None:
+        if objective not in ("diffusion", "regression"):
+            raise ModelError(f"--objective {objective!r} is invalid; valid: diffusion, regression")
+        cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"objective": objective})})
+    result = run(cfg, out, resume=resume, until=until, progress=progress)
+    if not result.main_process:
+        return
+    console.print(
+        f"step {result.step}/{cfg.train.steps} on {result.num_cases} cases, loss {result.loss:.4f}, "
+        f"{result.seconds:.1f} s; checkpoint {result.checkpoint}"
+    )
+
+
+def _write_volume(array: np.ndarray, grid, path: Path) -> None:
+    import SimpleITK as sitk
+
+    from dosegym.data.nifti import _to_image
+
+    sitk.WriteImage(_to_image(np.asarray(array, dtype=np.float32), grid), str(path), True)
+
+
+@friendly_errors
+def predict(
+    case: str = typer.Option(
+        ..., "--case", help="Any supported case (OpenKBP, NIfTI folder, DICOM folder, phantom)."
+    ),
+    checkpoint: Path | None = typer.Option(
+        None, "--checkpoint", help="Checkpoint folder (default: the shipped model)."
+    ),
+    steps: int = typer.Option(20, "--steps", help="Sampling steps."),
+    sampler: str = typer.Option("ddim", "--sampler", help="ddim, ddpm or dpm_solver."),
+    eta: float = typer.Option(0.0, "--eta", help="DDIM eta (0 = deterministic)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the initial noise."),
+    samples: int = typer.Option(
+        1, "--samples", help="Number of samples; K > 1 also writes their voxel-wise std."
+    ),
+    out: Path | None = typer.Option(None, "--out", help="Output folder (default prediction_<case id>)."),
+    device: str = typer.Option("cpu", "--device", help="torch device."),
+) -> None:
+    """Predict a dose (Gy) on the case's own grid: NIfTI, plus RTDOSE for DICOM input."""
+    from dosegym.data import read_case
+    from dosegym.data._atomic import atomic_path
+    from dosegym.data.io import detect_format
+    from dosegym.diffusion.policy import load_pretrained
+
+    fmt = detect_format(case)
+    c = read_case(case)
+    policy = load_pretrained(checkpoint, device=device)
+    dose = policy.predict(c, steps=steps, sampler=sampler, seed=seed, samples=samples, eta=eta)
+    stack = dose[None] if samples == 1 else dose
+    mean = stack.mean(axis=0)
+    dest = out or Path(f"prediction_{c.case_id}")
+    if dest.exists() and (
+        not dest.is_dir() or (any(dest.iterdir()) and not (dest / "prediction.json").is_file())
+    ):
+        raise ModelError(f"{dest}: exists and is not an earlier prediction folder; choose another --out")
+    files = ["dose.nii.gz"]
+    with atomic_path(dest) as tmp:
+        tmp.mkdir()
+        _write_volume(mean, c.grid, tmp / "dose.nii.gz")
+        if samples > 1:
+            for k in range(samples):
+                _write_volume(stack[k], c.grid, tmp / f"dose_sample_{k:02d}.nii.gz")
+                files.append(f"dose_sample_{k:02d}.nii.gz")
+            _write_volume(stack.std(axis=0), c.grid, tmp / "dose_std.nii.gz")
+            files.append("dose_std.nii.gz")
+        if fmt == "dicom":
+            from dosegym.data.dicom import write_rtdose
+
+            write_rtdose(mean, c, tmp / "rtdose.dcm")
+            files.append("rtdose.dcm")
+        doc = {
+            "case": str(case),
+            "case_id": c.case_id,
+            "checkpoint": str(checkpoint) if checkpoint else "shipped",
+            "sampler": sampler,
+            "steps": steps,
+            "eta": eta,
+            "seed": seed,
+            "samples": samples,
+            "grid": c.grid.to_dict(),
+            "dose_max_gy": float(mean.max()),
+            "files": files,
+        }
+        (tmp / "prediction.json").write_text(json.dumps(doc, indent=2) + "\n")
+    console.print(f"{c.case_id}: dose max {float(mean.max()):.2f} Gy -> {dest} ({', '.join(files)})")

@@ -1,0 +1,240 @@
+"""``DosePolicy``: the pretrained dose model as a Gaussian policy over reverse-diffusion steps.
+
+The contract (DESIGN.md "The policy contract")::
+
+    policy = load_pretrained()                       # shipped checkpoint, no network
+    cond   = policy.conditions(case_or_batch)        # batched ModelInput on policy.device
+    x      = policy.initial_noise(batch, generator)
+    for t in policy.timesteps(num_steps):
+        mean, std = policy.step_distribution(x, t, cond)
+        x_prev = mean + std * noise                  # or the agent's own choice
+        logp   = policy.log_prob(x_prev, mean, std)  # mean over elements, per sample
+        x = x_prev
+    dose_gy = policy.decode(x, cond, to_case=case)   # torch, Gy, on the case grid
+
+The step is DDIM with ``eta`` (default 1.0, every step stochastic, see
+:mod:`dosegym.diffusion.schedulers.ddim`) or DDPM. ``step_distribution`` is differentiable
+with respect to the model's weights when grad is enabled; agents fine-tune
+``policy.model`` (full weights or LoRA via peft) and keep ``policy.reference()`` (the
+weights at load time, frozen) for KL terms.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dosegym.data.case import Case
+from dosegym.diffusion.checkpoint import CONFIG_FILE, load_model
+from dosegym.diffusion.model import Any2Any
+from dosegym.diffusion.sample import initial_noise, sample, seeded_generator
+from dosegym.diffusion.schedulers import (
+    ReverseStepOutput,
+    gaussian_log_prob,
+    make_scheduler,
+    reverse_step,
+)
+from dosegym.diffusion.slots import ModelInput, ModelSpec, collate, make_resampler, to_model
+from dosegym.errors import ModelError
+
+POLICY_SAMPLERS = ("ddim", "ddpm")
+
+
+def shipped_checkpoint_dir() -> Path:
+    """Where the shipped checkpoint lives inside the package: ``dosegym/assets/model/``."""
+    return Path(str(importlib.resources.files("dosegym") / "assets" / "model"))
+
+
+def load_pretrained(
+    path: str | Path | None = None,
+    device: torch.device | str = "cpu",
+    sampler: str = "ddim",
+    eta: float = 1.0,
+) -> DosePolicy:
+    """The policy from a checkpoint folder (default: the shipped one); never uses the network."""
+    if path is None:
+        folder = shipped_checkpoint_dir()
+        if not (folder / CONFIG_FILE).is_file():
+            raise ModelError(
+                f"no shipped checkpoint: {folder} does not hold a trained model yet (it is added once "
+                "the pretraining run is done). Train one with `dosegym pretrain --config "
+                "configs/pretrain_cpu.yaml --out runs/pretrain` and load it with "
+                "load_pretrained('runs/pretrain/checkpoint')"
+            )
+    else:
+        folder = Path(path)
+    return DosePolicy(load_model(folder, device), sampler=sampler, eta=eta, device=device)
+
+
+class DosePolicy:
+    """See module docstring. ``model`` is an :class:`Any2Any` diffusion model."""
+
+    def __init__(
+        self,
+        model: Any2Any,
+        sampler: str = "ddim",
+        eta: float = 1.0,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        if sampler not in POLICY_SAMPLERS:
+            raise ModelError(
+                f"policy sampler {sampler!r} is not a Markov Gaussian step; valid: {list(POLICY_SAMPLERS)} "
+                "(dpm_solver serves predict() only)"
+            )
+        if eta < 0:
+            raise ModelError(f"eta must be >= 0, got {eta}")
+        self.device = torch.device(device)
+        self.model = model.to(self.device)
+        self.sampler = sampler
+        self.eta = float(eta)
+        self.scheduler = make_scheduler(sampler, model.config.diffusion)
+        self._initial_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        self._reference: DosePolicy | None = None
+
+    @property
+    def spec(self) -> ModelSpec:
+        return self.model.config.spec
+
+    def to(self, device: torch.device | str) -> DosePolicy:
+        """Move the model (and later inputs) to ``device``; returns ``self``."""
+        self.device = torch.device(device)
+        self.model.to(self.device)
+        if self._reference is not None:
+            self._reference.to(device)
+        return self
+
+    # -- inputs ---------------------------------------------------------------------------
+    def conditions(self, case_or_batch: Case | Sequence[Case] | ModelInput) -> ModelInput:
+        """Model-grid inputs of one case, a list of cases or a ``ModelInput``, batched, on
+        ``self.device``. A required slot the case lacks raises ``ModelError`` naming it."""
+        if isinstance(case_or_batch, ModelInput):
+            mi = case_or_batch if case_or_batch.batched else collate([case_or_batch])
+        elif isinstance(case_or_batch, Case):
+            mi = collate([to_model(case_or_batch, self.spec)[0]])
+        else:
+            cases = list(case_or_batch)
+            if not cases or not all(isinstance(c, Case) for c in cases):
+                raise ModelError("conditions: expected a Case, a non-empty list of Cases or a ModelInput")
+            mi = collate([to_model(c, self.spec)[0] for c in cases])
+        return mi.to(self.device)
+
+    def initial_noise(
+        self, batch: int | ModelInput, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """``x_T ~ N(0, I)``, ``(B, C, Z, Y, X)`` on ``self.device``; ``batch`` is B or a batched input."""
+        if isinstance(batch, ModelInput):
+            return initial_noise(self.model, batch.batch_size, generator, self.device, batch.generate_slot)
+        return initial_noise(self.model, int(batch), generator, self.device)
+
+    def timesteps(self, num_steps: int) -> torch.Tensor:
+        """Set the schedule to ``num_steps`` steps and return its timesteps (descending)."""
+        if int(num_steps) < 1:
+            raise ModelError(f"num_steps must be >= 1, got {num_steps}")
+        self.scheduler.set_timesteps(int(num_steps), device=self.device)
+        return self.scheduler.timesteps.clone()
+
+    # -- the step -------------------------------------------------------------------------
+    def step(
+        self,
+        x: torch.Tensor,
+        t: int | torch.Tensor,
+        cond: ModelInput,
+        generator: torch.Generator | None = None,
+        variance_noise: torch.Tensor | None = None,
+        prev_sample: torch.Tensor | None = None,
+    ) -> ReverseStepOutput:
+        """One reverse step from ``x`` at ``t`` (scalar or ``(B,)``): sample, mean, std,
+        log-prob (see :func:`~dosegym.diffusion.schedulers.reverse_step`)."""
+        self._check_diffusion()
+        out = self.model(x, t, cond)
+        return reverse_step(
+            self.scheduler,
+            out,
+            t,
+            x,
+            eta=self.eta,
+            variance_noise=variance_noise,
+            prev_sample=prev_sample,
+            generator=generator,
+        )
+
+    def step_distribution(
+        self, x: torch.Tensor, t: int | torch.Tensor, cond: ModelInput
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The Gaussian of the reverse step: ``mean`` ``(B, C, Z, Y, X)``, ``std`` ``(B, 1, 1, 1, 1)``."""
+        out = self.step(x, t, cond, variance_noise=torch.zeros_like(x))
+        return out.mean, out.std
+
+    def log_prob(self, x_prev: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+        """``(B,)`` Gaussian log-density averaged over elements; ``ModelError`` if std == 0."""
+        return gaussian_log_prob(x_prev, mean, std)
+
+    # -- outputs --------------------------------------------------------------------------
+    def decode(
+        self, x: torch.Tensor, cond: ModelInput, to_case: Case | Sequence[Case] | None = None
+    ) -> torch.Tensor | list[torch.Tensor]:
+        """Dose in Gy (torch, differentiable) from ``x`` ``(B, 1, Z, Y, X)`` (1.0 = highest Rx).
+
+        ``to_case=None``: on the model grid, ``(B, Z, Y, X)``. A ``Case``: every sample on that
+        case's grid, ``(B, Zc, Yc, Xc)``, zero outside its body. A list of B cases: a list of
+        ``(Zc, Yc, Xc)`` tensors, one per sample.
+        """
+        if cond.generate_slot != "dose":
+            raise ModelError(
+                f"decode gives Gy for the dose slot; this input generates {cond.generate_slot!r}"
+            )
+        if x.ndim != 5 or x.shape[1] != 1:
+            raise ModelError(f"decode expects x of shape (B, 1, Z, Y, X), got {tuple(x.shape)}")
+        if to_case is None:
+            rx = cond.rx_max_gy.to(x.device).reshape(-1, 1, 1, 1)
+            return x[:, 0].clamp_min(0.0) * rx
+        if isinstance(to_case, Case):
+            return make_resampler(to_case, self.spec).decode(x[:, 0])
+        cases = list(to_case)
+        if len(cases) != x.shape[0]:
+            raise ModelError(f"decode: {len(cases)} cases for a batch of {x.shape[0]} samples")
+        return [make_resampler(c, self.spec).decode(x[i, 0]) for i, c in enumerate(cases)]
+
+    def reference(self) -> DosePolicy:
+        """A frozen copy of the policy with the weights it was loaded with (for KL terms)."""
+        if self._reference is None:
+            ref_model = Any2Any(self.model.config)
+            ref_model.load_state_dict(self._initial_state)
+            ref_model.requires_grad_(False).eval()
+            self._reference = DosePolicy(ref_model, self.sampler, self.eta, self.device)
+        return self._reference
+
+    @torch.no_grad()
+    def predict(
+        self,
+        case: Case,
+        steps: int = 20,
+        sampler: str = "ddim",
+        seed: int = 0,
+        samples: int = 1,
+        eta: float = 0.0,
+    ) -> np.ndarray:
+        """Predict the dose of ``case``: Gy, ``float32``, on the case grid, ``(Z, Y, X)`` for one
+        sample or ``(K, Z, Y, X)`` for ``samples=K``. Same ``seed`` -> same result."""
+        if samples < 1:
+            raise ModelError(f"samples must be >= 1, got {samples}")
+        cond = self.conditions(case).expand(samples)
+        gen = seeded_generator(seed)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            x0 = sample(self.model, cond, sampler, steps, gen, eta)
+        finally:
+            self.model.train(was_training)
+        dose = self.decode(x0, cond, to_case=case).float().cpu().numpy()
+        return dose[0] if samples == 1 else dose
+
+    def _check_diffusion(self) -> None:
+        if self.model.config.objective != "diffusion":
+            raise ModelError(
+                "this checkpoint is a regression model (one forward pass); it has no reverse-diffusion steps"
+            )

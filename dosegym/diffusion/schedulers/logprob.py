@@ -1,0 +1,172 @@
+"""The Gaussian reverse step of DDPM and DDIM, with its log-probability (DDPO convention).
+
+:func:`reverse_step` is shaped like a diffusers ``scheduler.step``: it takes the model
+output, the timestep and ``x_t`` and returns ``x_{t-1}``; it also returns the Gaussian the
+step draws from, ``x_{t-1} ~ N(mean, std^2 I)``, and the log-probability of ``x_{t-1}``.
+Unlike diffusers it accepts per-sample timesteps ``(B,)``, injected noise
+(``variance_noise``) and a given ``prev_sample`` (to score an action taken earlier, as
+PPO-style ratios need). The formulas are diffusers' own (``DDIMScheduler.step`` and
+``DDPMScheduler.step`` with ``variance_type="fixed_small"``), without x̂0 clipping.
+
+**Log-probability convention** (as ddpo-pytorch and trl's DDPO): the Gaussian log-density
+is **averaged over elements** (C, Z, Y, X), giving one number per sample. A sum would
+scale with the number of voxels, so clip ranges, KL weights and learning rates tuned at
+one grid size would not transfer to another; the mean is scale-free across resolutions and
+makes the ratios and clip ranges of ddpo-pytorch (e.g. clip range 1e-4) carry over. The
+log-probability is computed on ``prev_sample.detach()``: it is a function of the action.
+
+**Deterministic steps** (``std == 0``: DDIM with ``eta=0``, or DDPM's last step to t < 0):
+the Gaussian degenerates to a point mass and has no density. ``reverse_step`` then returns
+``log_prob=None`` (``deterministic=True``) and :func:`gaussian_log_prob` raises
+``ModelError``; it never returns a fake 0, which would make every PPO ratio exactly 1.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers.utils.torch_utils import randn_tensor
+
+from dosegym.errors import ModelError
+
+_LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
+
+
+@dataclass
+class ReverseStepOutput:
+    """One reverse step. ``std`` broadcasts against ``mean`` (shape ``(B, 1, ..., 1)``);
+    ``log_prob`` is ``(B,)`` (mean over elements) or ``None`` for a deterministic step."""
+
+    prev_sample: torch.Tensor
+    mean: torch.Tensor
+    std: torch.Tensor
+    log_prob: torch.Tensor | None
+    pred_original_sample: torch.Tensor
+
+    @property
+    def deterministic(self) -> bool:
+        return self.log_prob is None
+
+
+def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """Per-sample log-density of ``x`` under ``N(mean, std^2)``, averaged over all non-batch
+    elements (see module docstring); raises ``ModelError`` if any ``std`` is not > 0."""
+    std = torch.as_tensor(std, dtype=mean.dtype, device=mean.device)
+    if not bool((std > 0).all()):
+        raise ModelError(
+            "log_prob of a deterministic step (std == 0, e.g. DDIM eta=0 or DDPM's last step) is undefined; "
+            "use DDIM with eta > 0 for a stochastic policy"
+        )
+    lp = -((x - mean) ** 2) / (2 * std**2) - torch.log(std) - _LOG_SQRT_2PI
+    return lp.reshape(lp.shape[0], -1).mean(dim=1)
+
+
+def _per_sample(values: torch.Tensor, index: torch.Tensor, ndim: int) -> torch.Tensor:
+    return values[index].reshape(-1, *([1] * (ndim - 1)))
+
+
+def _ddpm_prev_timestep(scheduler: DDPMScheduler, t: torch.Tensor) -> torch.Tensor:
+    """diffusers' ``previous_timestep`` for each element: the next timestep of the schedule,
+    -1 after the last one."""
+    steps = scheduler.timesteps.to(t.device)
+    match = steps[None, :] == t[:, None]
+    if not bool(match.any(dim=1).all()):
+        bad = t[~match.any(dim=1)].tolist()
+        raise ModelError(f"DDPM timestep(s) {bad} are not in the schedule {steps.tolist()[:8]}...")
+    idx = match.float().argmax(dim=1)
+    nxt = torch.cat([steps, steps.new_tensor([-1])])
+    return nxt[idx + 1]
+
+
+def reverse_step(
+    scheduler: DDIMScheduler | DDPMScheduler,
+    model_output: torch.Tensor,
+    timestep: int | torch.Tensor,
+    sample: torch.Tensor,
+    eta: float = 0.0,
+    variance_noise: torch.Tensor | None = None,
+    prev_sample: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> ReverseStepOutput:
+    """One DDIM (``eta`` as in diffusers) or DDPM (``eta`` ignored) reverse step.
+
+    ``timestep``: a scalar or ``(B,)`` per-sample timesteps from ``scheduler.timesteps``
+    (``set_timesteps`` must have been called). Give at most one of ``variance_noise``
+    (``x_{t-1} = mean + std * variance_noise``) and ``prev_sample`` (score this
+    ``x_{t-1}``); otherwise noise is drawn with ``generator`` (as diffusers does) when any std > 0.
+    """
+    if isinstance(scheduler, DDIMScheduler):
+        kind = "ddim"
+    elif isinstance(scheduler, DDPMScheduler):
+        kind = "ddpm"
+        if scheduler.config.variance_type != "fixed_small":
+            raise ModelError(
+                f"DDPM reverse_step needs variance_type='fixed_small', got {scheduler.config.variance_type!r}"
+            )
+    else:
+        raise ModelError(
+            f"reverse_step supports DDIMScheduler and DDPMScheduler, got {type(scheduler).__name__}; "
+            "multistep solvers are not Markov Gaussian steps"
+        )
+    if scheduler.config.clip_sample or scheduler.config.thresholding:
+        raise ModelError("reverse_step needs a scheduler with clip_sample=False and thresholding=False")
+    if scheduler.num_inference_steps is None:
+        raise ModelError(
+            "call scheduler.set_timesteps(num_steps) (or policy.timesteps(num_steps)) before stepping"
+        )
+    if variance_noise is not None and prev_sample is not None:
+        raise ModelError("reverse_step: give variance_noise or prev_sample, not both")
+    if eta < 0:
+        raise ModelError(f"reverse_step: eta must be >= 0, got {eta}")
+    b, nd, dev = sample.shape[0], sample.ndim, sample.device
+    t = torch.as_tensor(timestep, device=dev).long().reshape(-1)
+    t = t.expand(b) if t.numel() == 1 else t
+    if t.shape != (b,):
+        raise ModelError(f"reverse_step: timestep must be a scalar or ({b},), got shape {tuple(t.shape)}")
+    acp = scheduler.alphas_cumprod.to(dev)
+    a_t = _per_sample(acp, t, nd)
+    if kind == "ddim":
+        prev_t = t - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+        final = torch.as_tensor(scheduler.final_alpha_cumprod, device=dev, dtype=acp.dtype)
+    else:
+        prev_t = _ddpm_prev_timestep(scheduler, t)
+        final = torch.ones((), device=dev, dtype=acp.dtype)
+    a_prev = torch.where(prev_t >= 0, acp[prev_t.clamp(min=0)], final).reshape(-1, *([1] * (nd - 1)))
+    beta_t = 1 - a_t
+    pt = scheduler.config.prediction_type
+    if pt == "epsilon":
+        x0 = (sample - beta_t**0.5 * model_output) / a_t**0.5
+        eps = model_output
+    elif pt == "sample":
+        x0 = model_output
+        eps = (sample - a_t**0.5 * x0) / beta_t**0.5
+    elif pt == "v_prediction":
+        x0 = a_t**0.5 * sample - beta_t**0.5 * model_output
+        eps = a_t**0.5 * model_output + beta_t**0.5 * sample
+    else:
+        raise ModelError(f"unknown prediction_type {pt!r}; valid: epsilon, sample, v_prediction")
+    if kind == "ddim":
+        variance = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
+        std = eta * variance.clamp_min(0) ** 0.5
+        mean = a_prev**0.5 * x0 + (1 - a_prev - std**2).clamp_min(0) ** 0.5 * eps
+    else:
+        cur_alpha = a_t / a_prev
+        cur_beta = 1 - cur_alpha
+        mean = (a_prev**0.5 * cur_beta / beta_t) * x0 + (cur_alpha**0.5 * (1 - a_prev) / beta_t) * sample
+        variance = (1 - a_prev) / (1 - a_t) * cur_beta
+        std = torch.where(
+            t.reshape(variance.shape) > 0, variance.clamp_min(0) ** 0.5, torch.zeros_like(variance)
+        )
+    std = std.to(mean.dtype)
+    if prev_sample is None:
+        if variance_noise is None and bool((std > 0).any()):
+            variance_noise = randn_tensor(
+                model_output.shape, generator=generator, device=dev, dtype=model_output.dtype
+            )
+        prev_sample = mean if variance_noise is None else mean + std * variance_noise
+    deterministic = not bool((std > 0).all())
+    log_prob = None if deterministic else gaussian_log_prob(prev_sample.detach(), mean, std)
+    return ReverseStepOutput(prev_sample, mean, std, log_prob, x0)
