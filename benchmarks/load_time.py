@@ -66,12 +66,9 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         results = [
-            (label, median_seconds(load, args.repeats))
-            for label, load in entries(args.data, Path(tmp))
+            (label, median_seconds(load, args.repeats)) for label, load in entries(args.data, Path(tmp))
         ]
-    base = {
-        label.split(" / ", 1)[1]: t for label, t in results if label.startswith(BASELINE + " /")
-    }
+    base = {label.split(" / ", 1)[1]: t for label, t in results if label.startswith(BASELINE + " /")}
     mean_base = statistics.mean(base.values())
     print(f"median of {args.repeats} reads each (after one warm-up read); ratio = time / CSV time")
     print(f"{'format / case':<32} {'median ms':>10} {'ratio':>8}")

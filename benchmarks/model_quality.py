@@ -29,8 +29,10 @@ def _cases(args):
 
     if args.openkbp:
         root = Path(args.openkbp).expanduser()
-        folders = sorted((p for p in root.iterdir() if (p / "dose.csv").is_file()),
-                         key=lambda p: int(p.name.split("_")[-1]))
+        folders = sorted(
+            (p for p in root.iterdir() if (p / "dose.csv").is_file()),
+            key=lambda p: int(p.name.split("_")[-1]),
+        )
         for f in folders[: args.max_cases or None]:
             yield "openkbp", read_case(f)
     if args.phantoms:
@@ -79,8 +81,11 @@ def main() -> None:
             if args.device.startswith("cuda"):
                 torch.cuda.synchronize()
             dt = (time.perf_counter() - t0) / k
-            variants = {label: out} if regression else {f"{label} (1 sample)": out[0],
-                                                          f"{label} (mean of {k})": out.mean(axis=0)}
+            variants = (
+                {label: out}
+                if regression
+                else {f"{label} (1 sample)": out[0], f"{label} (mean of {k})": out.mean(axis=0)}
+            )
             for name, pred in variants.items():
                 key = (source, name)
                 preds.setdefault(key, []).append((case, pred))
@@ -104,12 +109,17 @@ def main() -> None:
             s = openkbp_scores(pairs)
             row["dose_score_gy"], row["dvh_score_gy"] = s.dose_score, s.dvh_score
         results.append(row)
-    header = f"{'source':9} {'model':28} {'n':>3} {'dose score':>10} {'DVH score':>9} {'MAE body':>8} {'s/sample':>8} {'params':>9}"
+    header = (
+        f"{'source':9} {'model':28} {'n':>3} {'dose score':>10} {'DVH score':>9} {'MAE body':>8} "
+        f"{'s/sample':>8} {'params':>9}"
+    )
     print(header)
     for r in results:
-        print(f"{r['source']:9} {r['model']:28} {r['cases']:3d} {r.get('dose_score_gy', float('nan')):10.3f} "
-              f"{r.get('dvh_score_gy', float('nan')):9.3f} {r['mae_body_gy']:8.3f} {r['sec_per_sample']:8.3f} "
-              f"{r['parameters']:9d}")
+        print(
+            f"{r['source']:9} {r['model']:28} {r['cases']:3d} {r.get('dose_score_gy', float('nan')):10.3f} "
+            f"{r.get('dvh_score_gy', float('nan')):9.3f} {r['mae_body_gy']:8.3f} {r['sec_per_sample']:8.3f} "
+            f"{r['parameters']:9d}"
+        )
     if args.out:
         args.out.write_text(json.dumps(results, indent=2) + "\n")
 

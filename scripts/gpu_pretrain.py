@@ -74,9 +74,15 @@ def main() -> None:
         cfg.train.checkpoint_every = max(steps // 4, 1)
         t0 = time.perf_counter()
         res = train.pretrain(cfg, out_dir / objective, progress=False)
-        summary[objective] = {"steps": res.step, "final_loss": res.loss, "seconds": time.perf_counter() - t0,
-                              "probe_sec_per_step": sec_per_step, "cases": res.num_cases,
-                              "batch_size": cfg.train.batch_size, "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"}
+        summary[objective] = {
+            "steps": res.step,
+            "final_loss": res.loss,
+            "seconds": time.perf_counter() - t0,
+            "probe_sec_per_step": sec_per_step,
+            "cases": res.num_cases,
+            "batch_size": cfg.train.batch_size,
+            "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+        }
         print(objective, summary[objective], flush=True)
     (out_dir / "gpu_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     if len(sys.argv) > 5:
@@ -94,8 +100,10 @@ def export(out_dir: Path, dest: Path) -> None:
         keys = sorted(weights)
         half = len(keys) // 2
         for part, chunk in (("a", keys[:half]), ("b", keys[half:])):
-            tensors = {k: weights[k].half().contiguous() if weights[k].is_floating_point() else weights[k]
-                       for k in chunk}
+            tensors = {
+                k: weights[k].half().contiguous() if weights[k].is_floating_point() else weights[k]
+                for k in chunk
+            }
             save_file(tensors, str(dest / f"{objective}_{part}.safetensors"))
         shutil.copy(ckpt / "config.json", dest / f"{objective}_config.json")
     shutil.copy(out_dir / "gpu_summary.json", dest / "gpu_summary.json")

@@ -37,8 +37,15 @@ def pack(config: str, out: str) -> None:
     index = []
     for c in cases:
         arr = np.load(c.array).astype(np.float32)
-        entry = {"key": c.key, "label": stamps[c.key][0], "stamp": stamps[c.key][1],
-                 "slots": c.slots, "rx_max_gy": c.rx_max_gy, "shape": list(arr.shape), "channels": []}
+        entry = {
+            "key": c.key,
+            "label": stamps[c.key][0],
+            "stamp": stamps[c.key][1],
+            "slots": c.slots,
+            "rx_max_gy": c.rx_max_gy,
+            "shape": list(arr.shape),
+            "channels": [],
+        }
         dose_channels = range(*_span(c.slots.get("dose")))
         for ch, v in enumerate(arr):
             name = f"{c.key}__{ch}"
@@ -83,9 +90,16 @@ def unpack(config: str, src: str) -> None:
                     v = raw.astype(np.float32) / info["top"] * (info["hi"] - info["lo"]) + info["lo"]
                 chans.append(v.reshape(shape[1:]))
             np.save(root / f"{e['key']}.npy", np.stack(chans).astype(np.float16))
-            meta = {"stamp": e["stamp"], "source": e["label"], "slots": e["slots"], "rx_max_gy": e["rx_max_gy"]}
+            meta = {
+                "stamp": e["stamp"],
+                "source": e["label"],
+                "slots": e["slots"],
+                "rx_max_gy": e["rx_max_gy"],
+            }
             (root / f"{e['key']}.json").write_text(json.dumps(meta) + "\n")
-    (root / "transport_index.json").write_text(json.dumps([(e["key"], e["label"], e["stamp"]) for e in index]))
+    (root / "transport_index.json").write_text(
+        json.dumps([(e["key"], e["label"], e["stamp"]) for e in index])
+    )
     print(f"unpacked {len(index)} cases into {root}")
 
 

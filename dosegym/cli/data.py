@@ -18,7 +18,8 @@ app = typer.Typer(help="Inspect, convert and generate cases.", no_args_is_help=T
 def info(
     path: str = typer.Argument(
         ...,
-        help="A case: OpenKBP folder, NIfTI folder, GDP-HMM .npz, DICOM folder, phantom .npz or 'phantoms:SITE/N'.",
+        help="A case: OpenKBP folder, NIfTI folder, GDP-HMM .npz, DICOM folder, phantom .npz "
+        "or 'phantoms:SITE/N'.",
     ),
     trusted: bool = typer.Option(
         False, "--trusted", help="Allow unpickling (GDP-HMM .npz files are pickled dicts)."
