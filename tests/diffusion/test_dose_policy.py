@@ -12,7 +12,7 @@ from conftest import randomise_zero_init, tiny_config
 
 from dosegym.diffusion.checkpoint import load_model, save_checkpoint
 from dosegym.diffusion.model import Any2Any
-from dosegym.diffusion.policy import DosePolicy, load_pretrained, shipped_checkpoint_dir
+from dosegym.diffusion.policy import DosePolicy, load_pretrained
 from dosegym.diffusion.schedulers import reverse_step
 from dosegym.diffusion.slots import ModelSpec
 from dosegym.errors import ModelError
@@ -137,14 +137,6 @@ def test_incompatible_checkpoints_say_what_differs(tiny_model, tmp_path):
         load_pretrained(folder)
     with pytest.raises(ModelError, match="not a dosegym checkpoint"):
         load_pretrained(tmp_path)
-
-
-def test_shipped_checkpoint_loads_or_says_it_is_missing():
-    if (shipped_checkpoint_dir() / "config.json").is_file():
-        assert isinstance(load_pretrained(), DosePolicy)
-    else:
-        with pytest.raises(ModelError, match="no shipped checkpoint.*dosegym pretrain"):
-            load_pretrained()
 
 
 def test_missing_required_slot_in_conditions(policy, case):
