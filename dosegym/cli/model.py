@@ -69,11 +69,9 @@ def pretrain(
 
 
 def _write_volume(array: np.ndarray, grid, path: Path) -> None:
-    import SimpleITK as sitk
+    from dosegym.data.nifti import write_image
 
-    from dosegym.data.nifti import _to_image
-
-    sitk.WriteImage(_to_image(np.asarray(array, dtype=np.float32), grid), str(path), True)
+    write_image(np.asarray(array, dtype=np.float32), grid, path)
 
 
 @friendly_errors

@@ -10,8 +10,6 @@ import typer
 from dosegym.cli._common import console, err_console, friendly_errors
 from dosegym.errors import DataError, ScorecardError
 
-_IMAGE_SUFFIXES = (".nii", ".nii.gz", ".mha", ".mhd", ".nrrd")
-
 
 def _read_dose(path: Path, case) -> np.ndarray:
     """A dose in Gy on the case grid: ``.npy`` ``(z, y, x)``, or a NIfTI/MHA/NRRD image
@@ -29,34 +27,17 @@ def _read_dose(path: Path, case) -> np.ndarray:
                 f"{path}: dose shape {dose.shape} does not match the case grid {case.grid.shape} (z, y, x)"
             )
         return dose.astype(np.float32, copy=False)
-    if not name.endswith(_IMAGE_SUFFIXES):
+    from dosegym.data.nifti import IMAGE_SUFFIXES, read_image_on_grid
+
+    if not name.endswith(IMAGE_SUFFIXES):
         raise DataError(
             f"{path}: unknown dose file type; use .npy (z, y, x) in Gy or an image "
-            f"({', '.join(_IMAGE_SUFFIXES)})"
+            f"({', '.join(IMAGE_SUFFIXES)})"
         )
-    import SimpleITK as sitk
-
-    try:
-        img = sitk.ReadImage(str(path), sitk.sitkFloat32)
-    except RuntimeError as exc:
-        raise DataError(f"{path}: SimpleITK cannot read it ({str(exc).strip()[:200]})") from exc
-    if img.GetDimension() != 3:
-        raise DataError(f"{path}: a 3-D dose image is needed, got {img.GetDimension()}-D")
-    g = case.grid
-    ref = sitk.Image([int(n) for n in reversed(g.shape)], sitk.sitkFloat32)
-    ref.SetSpacing(tuple(reversed(g.spacing_mm)))
-    ref.SetOrigin(tuple(reversed(g.origin_mm)))
-    ref.SetDirection(tuple(np.asarray(g.direction)[::-1, ::-1].ravel().tolist()))
-    same = (
-        img.GetSize() == ref.GetSize()
-        and np.allclose(img.GetSpacing(), ref.GetSpacing(), atol=1e-3)
-        and np.allclose(img.GetOrigin(), ref.GetOrigin(), atol=1e-3)
-        and np.allclose(img.GetDirection(), ref.GetDirection(), atol=1e-4)
-    )
-    if not same:
+    dose, resampled = read_image_on_grid(path, case.grid)
+    if resampled:
         err_console.print(f"note: {path} is not on the case grid; resampled (linear) onto it", soft_wrap=True)
-        img = sitk.Resample(img, ref, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
-    return sitk.GetArrayFromImage(img).astype(np.float32)
+    return dose
 
 
 def _validate(card_ref: str) -> None:

@@ -61,6 +61,55 @@ def check_image_ext(ext: str) -> str:
     return ext
 
 
+IMAGE_SUFFIXES = (".nii", ".nii.gz", ".mha", ".mhd", ".nrrd")
+
+
+def write_image(array: np.ndarray, grid: Grid, path: str | Path) -> Path:
+    """Write one ``(z, y, x)`` volume on ``grid`` as a NIfTI/MHA/NRRD image (compressed,
+    atomically); the extension of ``path`` picks the format."""
+    path = Path(path)
+    if not path.name.lower().endswith(IMAGE_SUFFIXES):
+        raise DataError(f"{path}: unknown image extension; valid: {', '.join(IMAGE_SUFFIXES)}")
+    arr = np.asarray(array)
+    if arr.shape != grid.shape:
+        raise DataError(f"{path}: array shape {arr.shape} does not match the grid {grid.shape} (z, y, x)")
+    with atomic_path(path) as tmp:
+        # SimpleITK picks the writer from the extension: write under it, then take the temp name.
+        suffix = ".nii.gz" if path.name.lower().endswith(".nii.gz") else path.suffix
+        target = tmp.with_name(tmp.name + suffix)
+        try:
+            sitk.WriteImage(_to_image(arr, grid), str(target), True)
+            target.rename(tmp)
+        finally:
+            target.unlink(missing_ok=True)
+    return path
+
+
+def read_image_on_grid(path: str | Path, grid: Grid) -> tuple[np.ndarray, bool]:
+    """A ``float32`` ``(z, y, x)`` volume from a NIfTI/MHA/NRRD image, on ``grid``; resampled
+    linearly (0 outside the image) when the image's geometry differs. Returns the array and
+    whether it was resampled."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such image file")
+    try:
+        img = sitk.ReadImage(str(path), sitk.sitkFloat32)
+    except RuntimeError as exc:
+        raise DataError(f"{path}: SimpleITK cannot read it ({str(exc).strip()[:200]})") from exc
+    if img.GetDimension() != 3:
+        raise DataError(f"{path}: a 3-D image is needed, got {img.GetDimension()}-D")
+    ref = _to_image(np.zeros(grid.shape, np.float32), grid)
+    same = (
+        img.GetSize() == ref.GetSize()
+        and np.allclose(img.GetSpacing(), ref.GetSpacing(), atol=1e-3)
+        and np.allclose(img.GetOrigin(), ref.GetOrigin(), atol=1e-3)
+        and np.allclose(img.GetDirection(), ref.GetDirection(), atol=1e-4)
+    )
+    if not same:
+        img = sitk.Resample(img, ref, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    return sitk.GetArrayFromImage(img).astype(np.float32), not same
+
+
 def _to_image(array: np.ndarray, grid: Grid) -> sitk.Image:
     img = sitk.GetImageFromArray(np.ascontiguousarray(array))
     img.SetSpacing(tuple(reversed(grid.spacing_mm)))

@@ -240,3 +240,24 @@ def test_unstorable_meta_is_refused(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"meta\.callback"):
         write_nifti_folder(case, tmp_path / "case")
     assert not (tmp_path / "case").exists()
+
+
+def test_write_image_and_read_it_back_on_the_grid_or_resampled(tmp_path):
+    from dosegym.data.nifti import read_image_on_grid, write_image
+
+    grid = Grid((6, 8, 10), (2.5, 2.0, 2.0), (-5.0, 3.0, 7.0))
+    z, y, x = np.meshgrid(*(np.arange(n) for n in grid.shape), indexing="ij")
+    dose = (1.0 * z + 0.5 * y + 0.25 * x).astype(np.float32)
+    for ext in (".nii.gz", ".mha", ".nrrd"):
+        path = write_image(dose, grid, tmp_path / f"dose{ext}")
+        back, resampled = read_image_on_grid(path, grid)
+        assert not resampled and np.array_equal(back, dose)
+    # a grid shifted by one voxel along x: linear resampling reproduces the linear field inside
+    shifted = Grid(grid.shape, grid.spacing_mm, (-5.0, 3.0, 9.0))
+    back, resampled = read_image_on_grid(tmp_path / "dose.nii.gz", shifted)
+    assert resampled and np.allclose(back[:, :, :-1], dose[:, :, 1:], atol=1e-5)
+    assert not list(tmp_path.glob("*.partial*"))
+    with pytest.raises(DataError, match="unknown image extension"):
+        write_image(dose, grid, tmp_path / "dose.png")
+    with pytest.raises(DataError, match="does not match the grid"):
+        write_image(dose[:-1], grid, tmp_path / "bad.nii.gz")
