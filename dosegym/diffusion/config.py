@@ -7,6 +7,7 @@ stores the ``ModelConfig`` (JSON) beside its weights.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -88,6 +89,14 @@ class DiffusionConfig(_Config):
     Defaults: 1000 steps, cosine (``squaredcos_cap_v2``) betas, v-prediction. v-prediction
     stays well-posed at the last, almost pure-noise, timestep of the cosine schedule, where
     epsilon-prediction divides by ``sqrt(alpha_bar) ~ 0``.
+
+    ``snr_shift``: the resolution shift of "simple diffusion" (Hoogeboom et al. 2023) and of
+    SD3/Wan's ``shift``: the schedule's log-SNR at every timestep is lowered by
+    ``2 ln(snr_shift)`` (``alpha_bar' = sigmoid(logit(alpha_bar) - 2 ln snr_shift)``). A dose
+    volume is smooth and large (48 x 64 x 64 voxels), so noise of a given SNR is far easier
+    to average away than on the 64 x 64 images the cosine schedule was tuned on: unshifted,
+    most training steps are spent on trivial denoising and the high-noise steps that map
+    the conditions to a dose stay undertrained. 1.0 = the unshifted ``beta_schedule``.
     """
 
     num_train_timesteps: int = 1000
@@ -95,6 +104,14 @@ class DiffusionConfig(_Config):
     beta_start: float = 0.0001
     beta_end: float = 0.02
     prediction_type: Literal["epsilon", "v_prediction", "sample"] = "v_prediction"
+    snr_shift: float = 1.0
+
+    @field_validator("snr_shift")
+    @classmethod
+    def _shift(cls, v: float) -> float:
+        if not (math.isfinite(v) and v > 0):
+            raise ValueError(f"snr_shift must be a positive number (1.0 = no shift), got {v}")
+        return v
 
 
 class ModelConfig(_Config):
@@ -124,6 +141,10 @@ class DataConfig(_Config):
     ``openkbp_dir``: an OpenKBP root (with ``train-pats/``) or the ``train-pats`` folder
     itself; ``validation-pats`` is never read. ``cache_dir``: where preprocessed model-grid
     tensors go (default ``$DOSEGYM_CACHE`` or ``~/.cache/dosegym``, then ``pretrain/``).
+    ``cases_file``: train on exactly the cases listed there (a JSON list of case labels such
+    as ``phantoms:headneck/3`` and ``openkbp:train-pats/pt_1``, or the ``data.json`` /
+    ``training.json`` of an earlier run), e.g. to retrain on the data a checkpoint saw;
+    every listed case must be among the sources above.
     """
 
     phantoms: bool = True
@@ -131,10 +152,17 @@ class DataConfig(_Config):
     openkbp_dir: str | None = None
     max_cases: int | None = None
     cache_dir: str | None = None
+    cases_file: str | None = None
 
 
 class TrainConfig(_Config):
-    """Optimisation: AdamW, cosine LR with linear warmup, EMA, gradient clipping."""
+    """Optimisation: AdamW, cosine LR with linear warmup, EMA, gradient clipping.
+
+    ``diffusion_loss``: the distance between the network output and the target of
+    ``prediction_type`` (noise, v or x0), ``mse`` (the score-matching loss) or ``l1`` (as
+    Palette; with ``prediction_type: sample`` it is the regression baseline's L1 on the
+    dose at every noise level). The ``regression`` objective always uses L1.
+    """
 
     steps: int = 20000
     batch_size: int = 2
@@ -145,6 +173,7 @@ class TrainConfig(_Config):
     ema_decay: float = 0.999
     grad_clip: float = 1.0
     modality_dropout: float = 0.15
+    diffusion_loss: Literal["mse", "l1"] = "mse"
     checkpoint_every: int = 500
     log_every: int = 10
     seed: int = 0

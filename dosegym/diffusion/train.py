@@ -7,10 +7,11 @@ stacked on the channel axis, memory-mapped at training time) plus a JSON index, 
 ``<cache>/pretrain/<spec hash>/`` (``<cache>`` = ``data.cache_dir``, ``$DOSEGYM_CACHE`` or
 ``~/.cache/dosegym``). Reading OpenKBP CSVs each step would dominate the step time.
 
-Objective ``diffusion``: uniform timesteps, ``x_t = sqrt(ab) x0 + sqrt(1-ab) eps``, MSE to
-the target of ``prediction_type`` (eps, v or x0). Objective ``regression``: the same network
-with no noisy input and t = 0, L1 to x0 (the deterministic baseline). Modality dropout: each
-condition slot of each sample is made ``absent`` with probability ``modality_dropout``.
+Objective ``diffusion``: uniform timesteps, ``x_t = sqrt(ab) x0 + sqrt(1-ab) eps``, MSE (or
+L1, ``train.diffusion_loss``) to the target of ``prediction_type`` (eps, v or x0). Objective
+``regression``: the same network with no noisy input and t = 0, L1 to x0 (the deterministic
+baseline). Modality dropout: each condition slot of each sample is made ``absent`` with
+probability ``modality_dropout``.
 
 Optimisation: AdamW; learning rate with linear warmup then cosine decay to
 ``min_lr_ratio * lr``; gradient-norm clipping; EMA of the weights (decay warmed up as
@@ -64,6 +65,7 @@ from dosegym.errors import DosegymError, ModelError
 
 CACHE_VERSION = 1
 CHECKPOINT_DIR = "checkpoint"
+DATA_RECORD = "data.json"  # the exact training cases of a run (usable as data.cases_file)
 
 
 # --------------------------------------------------------------------------------------
@@ -150,7 +152,7 @@ def training_sources(cfg: PretrainConfig) -> list[SourceCase]:
             out.append(
                 SourceCase(
                     _safe(f"openkbp_{folder.name}"),
-                    str(folder),
+                    f"openkbp:train-pats/{folder.name}",
                     lambda f=folder: read_case(f),
                     _stamp(folder / "dose.csv"),
                 )
@@ -159,7 +161,39 @@ def training_sources(cfg: PretrainConfig) -> list[SourceCase]:
         raise ModelError(
             "no training data: set data.phantoms: true and/or data.openkbp_dir (or --openkbp DIR)"
         )
+    if data.cases_file:
+        out = _only_listed(out, data.cases_file)
     return out[: data.max_cases] if data.max_cases else out
+
+
+def read_case_list(path: str | Path) -> list[str]:
+    """Case labels from a JSON list, or from the ``cases`` / ``data.cases`` of a run record."""
+    p = Path(path).expanduser()
+    try:
+        doc = json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelError(f"data.cases_file {p}: cannot read it as JSON ({exc})") from exc
+    if isinstance(doc, dict):
+        data = doc.get("data")
+        doc = doc.get("cases", data.get("cases") if isinstance(data, dict) else None)
+    if not isinstance(doc, list) or not doc or not all(isinstance(c, str) for c in doc):
+        raise ModelError(
+            f"data.cases_file {p}: expected a non-empty JSON list of case labels (or an object "
+            "with 'cases' or 'data.cases'), e.g. [\"phantoms:headneck/3\", \"openkbp:train-pats/pt_1\"]"
+        )
+    return doc
+
+
+def _only_listed(sources: list[SourceCase], cases_file: str) -> list[SourceCase]:
+    wanted = read_case_list(cases_file)
+    by_label = {s.label: s for s in sources}
+    missing = [c for c in wanted if c not in by_label]
+    if missing:
+        raise ModelError(
+            f"data.cases_file {cases_file}: {len(missing)} listed case(s) are not among the configured "
+            f"sources (data.phantoms / data.openkbp_dir), e.g. {missing[:3]}"
+        )
+    return [by_label[c] for c in dict.fromkeys(wanted)]
 
 
 def cache_root(cfg: PretrainConfig) -> Path:
@@ -174,6 +208,7 @@ class CachedCase:
     """A preprocessed case: ``array`` file (float16, slots stacked) and ``slots`` offsets."""
 
     key: str
+    label: str
     array: Path
     slots: dict[str, tuple[int, int]]
     rx_max_gy: float
@@ -229,7 +264,7 @@ def build_cache(cfg: PretrainConfig, sources: list[SourceCase], progress: bool =
         if spec.generate not in slots:
             skipped.append(src.label)
             continue
-        out.append(CachedCase(src.key, arr_path, slots, float(meta["rx_max_gy"])))
+        out.append(CachedCase(src.key, src.label, arr_path, slots, float(meta["rx_max_gy"])))
     if not out:
         raise ModelError(f"no training case has the generate slot {spec.generate!r} (skipped: {skipped[:5]})")
     return out
@@ -355,6 +390,9 @@ def pretrain(
         out.mkdir(parents=True, exist_ok=True)
         with atomic_path(out / "config.yaml") as tmp:
             tmp.write_text(cfg.to_yaml())
+        with atomic_path(out / DATA_RECORD) as tmp:
+            record = {"count": len(cases), "cases": [c.label for c in cases]}
+            tmp.write_text(json.dumps(record, indent=1) + "\n")
     stop = min(tc.steps, until) if until is not None else tc.steps
 
     def save(step: int) -> None:
@@ -406,7 +444,8 @@ def pretrain(
             if target is None:
                 target = noise_sched.get_velocity(x0, noise, t)
             pred = model(x_t, t, batch, drop.to(device))
-            loss = F.mse_loss(pred.float(), target.float())
+            distance = F.l1_loss if tc.diffusion_loss == "l1" else F.mse_loss
+            loss = distance(pred.float(), target.float())
         else:
             pred = model(None, torch.zeros(tc.batch_size, device=device), batch, drop.to(device))
             loss = F.l1_loss(pred.float(), x0.float())

@@ -66,6 +66,10 @@ def test_resume_continues_exactly(trained):
     assert any(not torch.equal(raw[k], ema[k]) for k in raw)
     assert list((root / "a" / "tb").glob("events.out.tfevents.*"))
     assert PretrainConfig.from_yaml(root / "a" / "config.yaml") == PretrainConfig.from_yaml(cfg)
+    # the exact training cases are recorded, in the form data.cases_file reads back
+    seen = json.loads((root / "a" / "data.json").read_text())
+    assert seen["count"] == len(seen["cases"]) > 0
+    assert all(c.startswith("openkbp:train-pats/pt_") for c in seen["cases"])
 
 
 def test_resume_errors(trained, tmp_path):

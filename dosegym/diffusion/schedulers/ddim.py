@@ -12,6 +12,7 @@ from __future__ import annotations
 from diffusers import DDIMScheduler
 
 from dosegym.diffusion.config import DiffusionConfig
+from dosegym.diffusion.schedulers.schedule import shifted_betas
 
 
 def make_ddim(cfg: DiffusionConfig) -> DDIMScheduler:
@@ -20,6 +21,7 @@ def make_ddim(cfg: DiffusionConfig) -> DDIMScheduler:
         beta_schedule=cfg.beta_schedule,
         beta_start=cfg.beta_start,
         beta_end=cfg.beta_end,
+        trained_betas=shifted_betas(cfg),
         prediction_type=cfg.prediction_type,
         clip_sample=False,
         thresholding=False,

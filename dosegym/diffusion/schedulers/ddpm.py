@@ -12,6 +12,7 @@ from __future__ import annotations
 from diffusers import DDPMScheduler
 
 from dosegym.diffusion.config import DiffusionConfig
+from dosegym.diffusion.schedulers.schedule import shifted_betas
 
 
 def make_ddpm(cfg: DiffusionConfig) -> DDPMScheduler:
@@ -20,6 +21,7 @@ def make_ddpm(cfg: DiffusionConfig) -> DDPMScheduler:
         beta_schedule=cfg.beta_schedule,
         beta_start=cfg.beta_start,
         beta_end=cfg.beta_end,
+        trained_betas=shifted_betas(cfg),
         prediction_type=cfg.prediction_type,
         variance_type="fixed_small",
         clip_sample=False,

@@ -11,6 +11,7 @@ from __future__ import annotations
 from diffusers import DPMSolverMultistepScheduler
 
 from dosegym.diffusion.config import DiffusionConfig
+from dosegym.diffusion.schedulers.schedule import shifted_betas
 
 
 def make_dpm_solver(cfg: DiffusionConfig) -> DPMSolverMultistepScheduler:
@@ -19,6 +20,7 @@ def make_dpm_solver(cfg: DiffusionConfig) -> DPMSolverMultistepScheduler:
         beta_schedule=cfg.beta_schedule,
         beta_start=cfg.beta_start,
         beta_end=cfg.beta_end,
+        trained_betas=shifted_betas(cfg),
         prediction_type=cfg.prediction_type,
         algorithm_type="dpmsolver++",
         solver_order=2,
