@@ -10,7 +10,7 @@ from dosegym.diffusion.slots import ModelSpec
 from dosegym.errors import ModelError
 
 
-@pytest.mark.parametrize("name", ["pretrain_tiny.yaml", "pretrain_cpu.yaml"])
+@pytest.mark.parametrize("name", ["pretrain_tiny.yaml", "pretrain_cpu.yaml", "pretrain_shipped.yaml"])
 def test_shipped_configs_round_trip_yaml(name, tmp_path):
     cfg = PretrainConfig.from_yaml(REPO / "configs" / name)
     (tmp_path / "again.yaml").write_text(cfg.to_yaml())
@@ -39,3 +39,15 @@ def test_invalid_configs_name_the_field(tmp_path):
         ModelConfig.model_validate({"unet": {"base_channels": 12, "groups": 8}})
     with pytest.raises(ValueError, match="generate slot 'dose' is not among slots"):
         ModelSpec(slots=("ct", "targets"))
+
+
+def test_shipped_config_is_the_shipped_checkpoints_model():
+    """configs/pretrain_shipped.yaml rebuilds exactly the shipped network and its schedule."""
+    import json
+
+    from dosegym.diffusion.policy import shipped_checkpoint_dir
+
+    cfg = PretrainConfig.from_yaml(REPO / "configs" / "pretrain_shipped.yaml")
+    shipped = json.loads((shipped_checkpoint_dir() / "config.json").read_text())
+    assert ModelConfig.model_validate(shipped["model"]) == cfg.model
+    assert (REPO / cfg.data.cases_file).is_file()
