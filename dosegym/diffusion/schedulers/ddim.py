@@ -12,17 +12,12 @@ from __future__ import annotations
 from diffusers import DDIMScheduler
 
 from dosegym.diffusion.config import DiffusionConfig
-from dosegym.diffusion.schedulers.schedule import shifted_betas
+from dosegym.diffusion.schedulers.schedule import schedule_kwargs
 
 
 def make_ddim(cfg: DiffusionConfig) -> DDIMScheduler:
     return DDIMScheduler(
-        num_train_timesteps=cfg.num_train_timesteps,
-        beta_schedule=cfg.beta_schedule,
-        beta_start=cfg.beta_start,
-        beta_end=cfg.beta_end,
-        trained_betas=shifted_betas(cfg),
-        prediction_type=cfg.prediction_type,
+        **schedule_kwargs(cfg),
         clip_sample=False,
         thresholding=False,
         set_alpha_to_one=False,

@@ -12,17 +12,12 @@ from __future__ import annotations
 from diffusers import DDPMScheduler
 
 from dosegym.diffusion.config import DiffusionConfig
-from dosegym.diffusion.schedulers.schedule import shifted_betas
+from dosegym.diffusion.schedulers.schedule import schedule_kwargs
 
 
 def make_ddpm(cfg: DiffusionConfig) -> DDPMScheduler:
     return DDPMScheduler(
-        num_train_timesteps=cfg.num_train_timesteps,
-        beta_schedule=cfg.beta_schedule,
-        beta_start=cfg.beta_start,
-        beta_end=cfg.beta_end,
-        trained_betas=shifted_betas(cfg),
-        prediction_type=cfg.prediction_type,
+        **schedule_kwargs(cfg),
         variance_type="fixed_small",
         clip_sample=False,
         thresholding=False,

@@ -11,17 +11,12 @@ from __future__ import annotations
 from diffusers import DPMSolverMultistepScheduler
 
 from dosegym.diffusion.config import DiffusionConfig
-from dosegym.diffusion.schedulers.schedule import shifted_betas
+from dosegym.diffusion.schedulers.schedule import schedule_kwargs
 
 
 def make_dpm_solver(cfg: DiffusionConfig) -> DPMSolverMultistepScheduler:
     return DPMSolverMultistepScheduler(
-        num_train_timesteps=cfg.num_train_timesteps,
-        beta_schedule=cfg.beta_schedule,
-        beta_start=cfg.beta_start,
-        beta_end=cfg.beta_end,
-        trained_betas=shifted_betas(cfg),
-        prediction_type=cfg.prediction_type,
+        **schedule_kwargs(cfg),
         algorithm_type="dpmsolver++",
         solver_order=2,
         thresholding=False,
