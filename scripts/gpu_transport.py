@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Carry a pretraining cache to a lent GPU machine and back (see docs/training.md).
+"""Carry a pretraining cache to a lent GPU machine and back (README: Training the model).
 
     python scripts/gpu_transport.py pack CONFIG.yaml OUT.npz     # here: preprocess, quantise, pack
     python scripts/gpu_transport.py unpack CONFIG.yaml IN.npz    # there: write the training cache
