@@ -1,0 +1,91 @@
+"""The scripts that train on a lent GPU, run here on CPU (16^3, two real OpenKBP patients):
+``scripts/gpu_transport.py`` packs the training cache into one file that unpacks to the same
+cache within its quantisation, and ``scripts/gpu_pretrain.py`` trains both objectives from that
+file alone, with no source data, and exports their weights."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from types import ModuleType
+
+import numpy as np
+import pytest
+from conftest import REPO, tiny_pretrain_config
+from safetensors.torch import load_file
+
+from dosegym.diffusion import train
+
+
+def _script(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory):
+    """The tiny config's cache built here and packed; the config of a machine without the data."""
+    root = tmp_path_factory.mktemp("transport")
+    here = tiny_pretrain_config(root / "cache_here", steps=4)
+    (root / "here.yaml").write_text(here.to_yaml())
+    _script("gpu_transport").pack(str(root / "here.yaml"), str(root / "train.npz"))
+    data = here.data.model_copy(
+        update={"cache_dir": str(root / "cache_there"), "openkbp_dir": str(root / "no_such_data")}
+    )
+    there = here.model_copy(update={"data": data})
+    (root / "there.yaml").write_text(there.to_yaml())
+    return root, here, there
+
+
+def test_transport_unpacks_to_the_training_cache(packed):
+    root, here, there = packed
+    _script("gpu_transport").unpack(str(root / "there.yaml"), str(root / "train.npz"))
+    originals = sorted(train.cache_root(here).glob("*.npy"))
+    assert len(originals) == 2
+    for original in originals:
+        copy = train.cache_root(there) / original.name
+        a, b = np.load(original).astype(np.float32), np.load(copy).astype(np.float32)
+        assert a.shape == b.shape
+        meta_a = json.loads(original.with_suffix(".json").read_text())
+        meta_b = json.loads(copy.with_suffix(".json").read_text())
+        assert meta_a == meta_b
+        offset, count = meta_a["slots"]["dose"]
+        dose_channels = range(offset, offset + count)
+        for ch in range(a.shape[0]):
+            span = float(a[ch].max() - a[ch].min())
+            levels = 65535 if ch in dose_channels else 255
+            # quantisation over the channel's range, then float16 storage; masks come back exact
+            tol = span / (2 * levels) + 1e-3 * float(np.abs(a[ch]).max()) + 1e-6
+            assert np.abs(a[ch] - b[ch]).max() <= tol, (original.name, ch)
+        for ch in dose_channels:
+            assert np.abs(a[ch] - b[ch]).max() <= 2e-3 * float(a[ch].max()), "dose off by more than 0.2 %"
+
+
+def test_gpu_pretrain_trains_both_objectives_from_the_transport_alone(packed, tmp_path, monkeypatch):
+    root, _, there = packed
+    # the driver swaps the data source and memoises inputs; restore both after the test
+    monkeypatch.setattr(train, "training_sources", train.training_sources)
+    monkeypatch.setattr(train.CachedCase, "model_input", train.CachedCase.model_input)
+    monkeypatch.syspath_prepend(str(REPO / "scripts"))
+    out, export = tmp_path / "runs", tmp_path / "export"
+    argv = ["gpu_pretrain.py", str(root / "there.yaml"), str(root / "train.npz"), str(out), "4", str(export)]
+    monkeypatch.setattr(sys, "argv", argv)
+    _script("gpu_pretrain").main()
+
+    summary = json.loads((out / "gpu_summary.json").read_text())
+    for objective in ("diffusion", "regression"):
+        assert summary[objective]["steps"] == 4
+        assert summary[objective]["cases"] == 2
+        assert np.isfinite(summary[objective]["final_loss"])
+        weights = load_file(str(out / objective / train.CHECKPOINT_DIR / "model.safetensors"))
+        exported = {
+            **load_file(str(export / f"{objective}_a.safetensors")),
+            **load_file(str(export / f"{objective}_b.safetensors")),
+        }
+        assert exported.keys() == weights.keys()
+        for key, value in weights.items():
+            np.testing.assert_allclose(exported[key].float().numpy(), value.numpy(), rtol=1e-3, atol=1e-4)
+    assert json.loads((export / "regression_config.json").read_text())["model"]["objective"] == "regression"
