@@ -52,6 +52,8 @@ def _preload_cases() -> None:
 
 def main() -> None:
     config, transport, out_dir, steps = sys.argv[1], sys.argv[2], Path(sys.argv[3]), int(sys.argv[4])
+    if steps < 4:
+        sys.exit(f"STEPS must be at least 4 (one per quarter), got {steps}")
     # TF32 only; cudnn.benchmark stays off (its algorithm search can take minutes for 3D
     # convolutions, pytorch/pytorch#51044; the default algorithms train this model at 0.015 s
     # per step on an H100, benchmarks/model_speed.py).
