@@ -28,7 +28,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from dosegym.data._atomic import atomic_path  # noqa: E402
+from dosegym.data.atomic import atomic_path  # noqa: E402
 from dosegym.data.phantoms import (  # noqa: E402
     FORMAT_VERSION,
     GENERATOR_VERSION,

@@ -34,7 +34,7 @@ def friendly_errors(func: F) -> F:
 
 def write_json(obj: Any, path: Path) -> None:
     """Write JSON atomically."""
-    from dosegym.data._atomic import atomic_path
+    from dosegym.data.atomic import atomic_path
 
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2) + "\n")

@@ -94,7 +94,7 @@ def predict(
 ) -> None:
     """Predict a dose (Gy) on the case's own grid: NIfTI, plus RTDOSE for DICOM input."""
     from dosegym.data import read_case
-    from dosegym.data._atomic import atomic_path
+    from dosegym.data.atomic import atomic_path
     from dosegym.data.io import detect_format
     from dosegym.diffusion.policy import load_pretrained
 

@@ -66,8 +66,8 @@ from pydicom.uid import (
 from pydicom.valuerep import format_number_as_ds
 from scipy import ndimage
 
-from dosegym.data._atomic import atomic_path
 from dosegym.data._raster import fill_polygons, plane_contours, select_planes
+from dosegym.data.atomic import atomic_path
 from dosegym.data.case import Beams, Case, Prescription, canonical_name
 from dosegym.data.grid import Grid
 from dosegym.data.io import _is_dicom_file

@@ -46,7 +46,7 @@ from typing import Any
 
 import numpy as np
 
-from dosegym.data._atomic import atomic_path
+from dosegym.data.atomic import atomic_path
 from dosegym.data.case import Beams, Case, Prescription
 from dosegym.data.geometry import angle_plate_axial, beam_plate
 from dosegym.data.grid import Grid

@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
-from dosegym.data._atomic import atomic_path
+from dosegym.data.atomic import atomic_path
 from dosegym.data.case import Beams, Case, Prescription
 from dosegym.data.grid import Grid
 from dosegym.errors import DataError

@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from dosegym.data._atomic import atomic_path
+from dosegym.data.atomic import atomic_path
 from dosegym.data.case import Beams, Case, Prescription, equispaced_gantry_deg
 from dosegym.data.grid import Grid
 from dosegym.errors import DataError

@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dosegym import __version__
-from dosegym.data._atomic import atomic_path
+from dosegym.data.atomic import atomic_path
 from dosegym.diffusion.config import ModelConfig, parse_config
 from dosegym.errors import ModelError
 

@@ -48,7 +48,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dosegym.data._atomic import atomic_path
+from dosegym.data.atomic import atomic_path
 from dosegym.data.case import Case
 from dosegym.diffusion.checkpoint import (
     WEIGHTS_FILE,

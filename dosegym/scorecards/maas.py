@@ -34,7 +34,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from dosegym.data._atomic import atomic_path
+from dosegym.data.atomic import atomic_path
 from dosegym.errors import ScorecardError
 from dosegym.scorecards.metrics import MetricKind
 from dosegym.scorecards.scorecard import (

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from rich.table import Table
 from rich.text import Text
 
-from dosegym.data._atomic import atomic_path
+from dosegym.data.atomic import atomic_path
 from dosegym.errors import ScorecardError
 from dosegym.scorecards.scorecard import ItemStatus
 

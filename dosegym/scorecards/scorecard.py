@@ -62,7 +62,7 @@ from pydantic import (
     model_validator,
 )
 
-from dosegym.data._atomic import atomic_path
+from dosegym.data.atomic import atomic_path
 from dosegym.data.case import Case, canonical_name
 from dosegym.errors import ScorecardError
 from dosegym.scorecards.dvh import DVHCache
