@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import typer
@@ -39,7 +38,9 @@ def info(
     case = read_case(path, **kwargs)
     s = case.summary()
     if as_json:
-        console.print_json(json.dumps(s))
+        from dosegym.data.atomic import json_text
+
+        console.print_json(json_text(s))
         return
     g = s["grid"]
     console.print(f"[bold]{s['case_id']}[/]  ({s['format']}: {s['source']})")
@@ -47,8 +48,14 @@ def info(
         f"grid {tuple(g['shape'])} (z, y, x), spacing {tuple(round(v, 3) for v in g['spacing_mm'])} mm, "
         f"origin {tuple(round(v, 1) for v in g['origin_mm'])} mm"
     )
+    if s["grid_source"]:
+        console.print(f"grid source: {s['grid_source']} ({s['grid_reason']})", soft_wrap=True, markup=False)
     if s["ct_hu"]:
         console.print(f"CT {s['ct_hu']['min']:.0f} .. {s['ct_hu']['max']:.0f} HU")
+    else:
+        console.print("CT none")
+    for note in s["notes"]:
+        console.print(f"note: {note}", soft_wrap=True, markup=False)
     if s["body_cc"] is not None:
         console.print(f"body {s['body_cc']:.1f} cc")
     table = Table("structure", "role", "volume (cc)", "Rx (Gy / fx)", "mean dose (Gy)")
@@ -81,17 +88,23 @@ def info(
 @friendly_errors
 def convert(
     src: str = typer.Argument(..., help="Any supported case (see 'dosegym data info --help')."),
-    out: Path = typer.Argument(..., help="Output folder (NIfTI layout: case.json, ct, dose, structures/)."),
+    out: Path = typer.Argument(
+        ...,
+        help="Output folder (NIfTI layout: case.json, ct, dose, structures/): new, empty, or a case "
+        "folder written by dosegym before.",
+    ),
     ext: str = typer.Option(".nii.gz", "--ext", help="Image extension: .nii.gz, .mha or .nrrd."),
     trusted: bool = typer.Option(False, "--trusted", help="Allow unpickling GDP-HMM .npz files."),
     prescriptions: Path | None = typer.Option(None, "--prescriptions", help="GDP-HMM PTV_DICT.json."),
 ) -> None:
     """Convert any supported input into the NIfTI folder layout."""
     from dosegym.data import read_case, write_case
+    from dosegym.data.atomic import check_output_path
     from dosegym.data.io import detect_format
-    from dosegym.data.nifti import check_image_ext
+    from dosegym.data.nifti import CASE_WRITER, check_image_ext
 
     check_image_ext(ext)
+    check_output_path(out, writer=CASE_WRITER)  # before the source is read
     kwargs = {}
     if detect_format(src) == "gdphmm":
         kwargs = {"trusted": trusted, "prescriptions_json": prescriptions}
@@ -103,10 +116,14 @@ def convert(
 @app.command("phantoms")
 @friendly_errors
 def phantoms(
-    out: Path = typer.Option(Path("phantoms"), "--out", help="Output folder for the phantom .npz files."),
+    out: Path = typer.Option(
+        Path("phantoms"),
+        "--out",
+        help="Output folder for the phantom .npz files: new, empty, or a set written here before.",
+    ),
     n: int = typer.Option(4, "--n", min=1, help="Number of phantoms per site."),
     site: list[str] = typer.Option(["headneck"], "--site", help="Site(s): headneck, prostate, lung."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the anatomy generator."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the anatomy generator: 0 .. 2**64 - 1."),
     dose: str = typer.Option(
         "auto",
         "--dose",

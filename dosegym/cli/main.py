@@ -8,6 +8,7 @@ from dosegym import __version__
 from dosegym.cli import data as data_cli
 from dosegym.cli import model as model_cli
 from dosegym.cli import score as score_cli
+from dosegym.cli._common import set_debug
 
 app = typer.Typer(
     name="dosegym",
@@ -33,5 +34,13 @@ def main(
     version: bool = typer.Option(
         False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
     ),
+    debug: bool = typer.Option(
+        False, "--debug", help="Show the Python traceback of an error instead of the one-line message."
+    ),
 ) -> None:
-    """dosegym: data, scorecards, the pretrained dose model and Gymnasium environments."""
+    """dosegym: data, scorecards, the pretrained dose model and Gymnasium environments.
+
+    Exit status: 0 done, 1 a check found problems (score --validate), 2 a dosegym error
+    (bad input, option or file), 3 an unexpected error (see --debug), 130 interrupted.
+    """
+    set_debug(debug)

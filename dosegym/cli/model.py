@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +9,8 @@ import typer
 
 from dosegym.cli._common import console, friendly_errors
 from dosegym.errors import ModelError
+
+PREDICT_WRITER = "dosegym predict"  # the writer name in a prediction folder's output marker
 
 
 @friendly_errors
@@ -26,7 +27,7 @@ def pretrain(
     out: Path = typer.Option(
         Path("runs/pretrain"),
         "--out",
-        help="Run folder: checkpoint/, tb/ (TensorBoard), config.yaml.",
+        help="Run folder: checkpoint/, tb/ (TensorBoard), config.yaml; new, empty, or an earlier run's.",
     ),
     cache: Path | None = typer.Option(
         None,
@@ -77,41 +78,56 @@ def _write_volume(array: np.ndarray, grid, path: Path) -> None:
 @friendly_errors
 def predict(
     case: str = typer.Option(
-        ..., "--case", help="Any supported case (OpenKBP, NIfTI folder, DICOM folder, phantom)."
+        ..., "--case", help="Any supported case (OpenKBP, NIfTI folder, DICOM folder, phantom, GDP-HMM .npz)."
     ),
     checkpoint: Path | None = typer.Option(
         None, "--checkpoint", help="Checkpoint folder (default: the shipped model)."
     ),
-    steps: int = typer.Option(20, "--steps", help="Sampling steps."),
+    steps: int = typer.Option(20, "--steps", min=1, help="Sampling steps (1 .. the model's timesteps)."),
     sampler: str = typer.Option("ddim", "--sampler", help="ddim, ddpm or dpm_solver."),
-    eta: float = typer.Option(0.0, "--eta", help="DDIM eta (0 = deterministic)."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the initial noise."),
+    eta: float = typer.Option(0.0, "--eta", min=0.0, help="DDIM eta (0 = deterministic)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the initial noise: 0 .. 2**64 - 1."),
     samples: int = typer.Option(
-        1, "--samples", help="Number of samples; K > 1 also writes their voxel-wise std."
+        1, "--samples", min=1, help="Number of samples; K > 1 also writes their voxel-wise std."
     ),
-    out: Path | None = typer.Option(None, "--out", help="Output folder (default prediction_<case id>)."),
-    device: str = typer.Option("cpu", "--device", help="torch device."),
+    out: Path | None = typer.Option(
+        None,
+        "--out",
+        help="Output folder (default prediction_<case id>): new, empty, or an earlier prediction folder.",
+    ),
+    device: str = typer.Option("cpu", "--device", help="torch device (cpu, cuda, cuda:N, mps)."),
+    trusted: bool = typer.Option(False, "--trusted", help="Allow unpickling (GDP-HMM .npz cases)."),
+    prescriptions: Path | None = typer.Option(
+        None, "--prescriptions", help="GDP-HMM PTV_DICT.json with the prescriptions."
+    ),
 ) -> None:
     """Predict a dose (Gy) on the case's own grid: NIfTI, plus RTDOSE for DICOM input."""
     from dosegym.data import read_case
-    from dosegym.data.atomic import atomic_path
+    from dosegym.data.atomic import atomic_folder, check_output_path, json_text
     from dosegym.data.io import detect_format
+    from dosegym.diffusion.checkpoint import resolve_device
     from dosegym.diffusion.policy import load_pretrained
+    from dosegym.diffusion.sample import SEED_MAX, check_num_steps
+    from dosegym.diffusion.schedulers import SAMPLERS
 
+    if out is not None:  # every option is checked before the case is read or a model loaded
+        check_output_path(out, writer=PREDICT_WRITER)
+    if sampler not in SAMPLERS:
+        raise ModelError(f"--sampler {sampler!r} is unknown; valid: {', '.join(SAMPLERS)}")
+    if not 0 <= seed <= SEED_MAX:
+        raise ModelError(f"--seed must be an integer in [0, 2**64 - 1], got {seed}")
+    dev = resolve_device(device, "--device")
     fmt = detect_format(case)
-    c = read_case(case)
-    policy = load_pretrained(checkpoint, device=device)
+    kwargs = {"trusted": trusted, "prescriptions_json": prescriptions} if fmt == "gdphmm" else {}
+    c = read_case(case, **kwargs)
+    dest = check_output_path(out or Path(f"prediction_{c.case_id}"), writer=PREDICT_WRITER)
+    policy = load_pretrained(checkpoint, device=dev)
+    check_num_steps(steps, policy.model.config.diffusion, "--steps")
     dose = policy.predict(c, steps=steps, sampler=sampler, seed=seed, samples=samples, eta=eta)
     stack = dose[None] if samples == 1 else dose
     mean = stack.mean(axis=0)
-    dest = out or Path(f"prediction_{c.case_id}")
-    if dest.exists() and (
-        not dest.is_dir() or (any(dest.iterdir()) and not (dest / "prediction.json").is_file())
-    ):
-        raise ModelError(f"{dest}: exists and is not an earlier prediction folder; choose another --out")
     files = ["dose.nii.gz"]
-    with atomic_path(dest) as tmp:
-        tmp.mkdir()
+    with atomic_folder(dest, PREDICT_WRITER) as tmp:
         _write_volume(mean, c.grid, tmp / "dose.nii.gz")
         if samples > 1:
             for k in range(samples):
@@ -137,5 +153,7 @@ def predict(
             "dose_max_gy": float(mean.max()),
             "files": files,
         }
-        (tmp / "prediction.json").write_text(json.dumps(doc, indent=2) + "\n")
-    console.print(f"{c.case_id}: dose max {float(mean.max()):.2f} Gy -> {dest} ({', '.join(files)})")
+        (tmp / "prediction.json").write_text(json_text(doc))
+    console.print(
+        f"{c.case_id}: dose max {float(mean.max()):.2f} Gy -> {dest} ({', '.join(files)})", soft_wrap=True
+    )

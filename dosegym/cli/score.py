@@ -12,32 +12,41 @@ from dosegym.errors import DataError, ScorecardError
 
 
 def _read_dose(path: Path, case) -> np.ndarray:
-    """A dose in Gy on the case grid: ``.npy`` ``(z, y, x)``, or a NIfTI/MHA/NRRD image
-    (resampled linearly onto the case grid when its geometry differs)."""
+    """A dose in Gy on the case grid, checked by the dose rule (``check_dose_gy``): ``.npy``
+    ``(z, y, x)``, or a NIfTI/MHA/NRRD image (resampled linearly onto the case grid when its
+    geometry differs; it must then cover the case's targets and most of its body)."""
+    from dosegym.data.dose import check_dose_gy
+
     name = path.name.lower()
     if not path.is_file():
         raise DataError(f"{path}: no such dose file")
+    where = f"{path} (--dose)"
     if name.endswith(".npy"):
-        try:
-            dose = np.load(path, allow_pickle=False)
-        except (ValueError, OSError) as exc:
+        try:  # memory-mapped: a header that claims a huge array allocates nothing
+            dose = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (ValueError, OSError, EOFError) as exc:
             raise DataError(f"{path}: not a readable .npy array ({exc})") from exc
+        if not isinstance(dose, np.ndarray):
+            raise DataError(f"{path}: holds an .npz archive, not one .npy array (z, y, x) in Gy")
         if dose.shape != case.grid.shape:
             raise DataError(
                 f"{path}: dose shape {dose.shape} does not match the case grid {case.grid.shape} (z, y, x)"
             )
-        return dose.astype(np.float32, copy=False)
-    from dosegym.data.nifti import IMAGE_SUFFIXES, read_image_on_grid
+        return check_dose_gy(np.array(dose), where=where, prescription_gy=case.max_prescription_gy)
+    from dosegym.data.nifti import COVER_BODY, COVER_TARGET, IMAGE_SUFFIXES, read_image_on_grid
 
     if not name.endswith(IMAGE_SUFFIXES):
         raise DataError(
             f"{path}: unknown dose file type; use .npy (z, y, x) in Gy or an image "
             f"({', '.join(IMAGE_SUFFIXES)})"
         )
-    dose, resampled = read_image_on_grid(path, case.grid)
+    cover = [(t, case.structures[t], COVER_TARGET) for t in case.targets]
+    if case.body is not None:
+        cover.append(("the body", case.body, COVER_BODY))
+    dose, resampled = read_image_on_grid(path, case.grid, dose=True, cover=cover)
     if resampled:
         err_console.print(f"note: {path} is not on the case grid; resampled (linear) onto it", soft_wrap=True)
-    return dose
+    return check_dose_gy(dose, where=where, prescription_gy=case.max_prescription_gy)
 
 
 def _validate(card_ref: str) -> None:
@@ -80,7 +89,10 @@ def score(
         help="Dose to score instead of the case's own: .npy (z, y, x) in Gy, or NIfTI/MHA/NRRD.",
     ),
     out: Path | None = typer.Option(
-        None, "--out", help="Where to write the JSON report (default: ./score_<case_id>.json)."
+        None,
+        "--out",
+        help="Where to write the JSON report: a file, or a folder that gets score_<case_id>.json "
+        "(default: the current folder).",
     ),
     validate: str | None = typer.Option(
         None,
@@ -115,6 +127,10 @@ def score(
         return
     if case is None or card is None:
         raise ScorecardError("give --case and --card (or --validate CARD, or --list)")
+    from dosegym.data.atomic import check_output_path
+
+    if out is not None and not out.is_dir():  # before any work (a folder is checked with the name)
+        check_output_path(out)
     from dosegym.data import read_case
     from dosegym.data.io import detect_format
 
@@ -126,13 +142,20 @@ def score(
         if rx is None:
             raise ScorecardError(f"--rescale: case {the_case.case_id!r} has no prescription")
         the_card = the_card.rescaled(rx.dose_gy, rx.fractions)
+    from dosegym.scorecards.fit import card_fit
+
+    fit = card_fit(the_card, the_case)
+    if not fit.ok:
+        hint = " (--rescale rescales the card to the case)" if fit.rx_mismatch else ""
+        err_console.print(f"warning: {fit.message()}{hint}", soft_wrap=True, markup=False)
     dose_gy = None if dose is None else _read_dose(dose, the_case)
     report = the_card.score(the_case, dose_gy, on_unmatched="report" if allow_unmatched else None)
     console.print(report.table())
-    path = out if out is not None else Path.cwd() / f"score_{the_case.case_id}.json"
+    path = check_output_path(Path.cwd() if out is None else out, in_folder=f"score_{the_case.case_id}.json")
     report.to_json(path)
     console.print(
-        f"total {report.total:.2f} / {report.maximum:g} ({100 * report.normalised:.1f} %); "
+        f"total {report.total:.2f} / {report.maximum:g} ({100 * report.normalised:.1f} %) from "
+        f"{100 * report.matched_fraction:.1f} % of the card's {report.card_maximum:g} points; "
         f"report written to {path}",
         soft_wrap=True,
     )

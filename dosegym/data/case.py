@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from dosegym.data.dose import check_dose_gy
 from dosegym.data.grid import Grid
 from dosegym.errors import DataError
 
@@ -176,7 +177,8 @@ class Case:
         return DataError(f"{self.source}: {fld}: {msg}")
 
     def validate(self) -> None:
-        """Check shapes, dtypes, finiteness, non-negative dose, non-empty masks, prescriptions.
+        """Check shapes, dtypes, finiteness, the dose rule (:func:`~dosegym.data.dose.check_dose_gy`),
+        non-empty masks, prescriptions.
 
         Arrays are converted in place to the conventional dtypes (``float32`` / ``bool``).
         """
@@ -190,14 +192,16 @@ class Case:
             arr = np.asarray(arr)
             if arr.shape != shape:
                 raise self._fail(name, f"shape {arr.shape} does not match grid shape {shape} (z, y, x)")
-            arr = arr.astype(np.float32, copy=False)
-            if not np.all(np.isfinite(arr)):
-                raise self._fail(
-                    name,
-                    f"contains {int((~np.isfinite(arr)).sum())} non-finite values (NaN or inf)",
-                )
-            if name == "dose" and arr.min() < 0:
-                raise self._fail(name, f"negative dose ({float(arr.min()):.4g} Gy); dose must be >= 0 Gy")
+            if name == "dose":
+                rx = [p.dose_gy for p in self.prescriptions if isinstance(p, Prescription)]
+                arr = check_dose_gy(arr, where=f"{self.source}: dose", prescription_gy=max(rx, default=None))
+            else:
+                arr = arr.astype(np.float32, copy=False)
+                if not np.all(np.isfinite(arr)):
+                    raise self._fail(
+                        name,
+                        f"contains {int((~np.isfinite(arr)).sum())} non-finite values (NaN or inf)",
+                    )
             setattr(self, name, arr)
         if self.body is not None:
             self.body = self._check_mask("body", self.body)
@@ -299,6 +303,9 @@ class Case:
             "source": self.source,
             "format": self.meta.get("format"),
             "grid": self.grid.to_dict(),
+            "grid_source": self.meta.get("grid_source"),  # e.g. DICOM: "ct" or "rtdose"
+            "grid_reason": self.meta.get("grid_reason"),
+            "notes": [str(n) for n in self.meta.get("notes") or []],
             "ct_hu": None if self.ct is None else {"min": float(self.ct.min()), "max": float(self.ct.max())},
             "body_cc": None if self.body is None else float(self.body.sum()) * self.voxel_volume_cc,
             "structures": {n: round(self.volume_cc(n), 3) for n in self.structures},

@@ -11,6 +11,16 @@ along the positive patient axis nearest to it: for axial series (HFS, FFS, HFP, 
 grid's direction becomes the identity, so larger x index = further patient left (+x LPS),
 larger y = posterior, larger z = superior. Oblique series keep a (near-identity) direction.
 
+Grid. The case lies on the CT grid when the CT series holds every contour plane (each slice
+a slab one slice thick); otherwise (no CT, a partial CT of one or a few slices, a CT with a
+missing slice) on the RTDOSE grid, with ``ct`` ``None``: a plan exported as RTSTRUCT +
+RTDOSE can still be scored. ``meta["grid_source"]`` ("ct" or "rtdose") and
+``meta["grid_reason"]`` say which grid and why, ``meta["notes"]`` what was cut or scaled.
+On the RTDOSE grid the slab of a contour plane is the CT's slice gap (or SliceThickness),
+else the usual gap between contour planes. Structures are cut to the grid (the share cut off
+is noted; one wholly outside is left out). A target (PTV/CTV/GTV) more than 1 % outside the
+RTDOSE grid raises ``DataError`` on either grid: its dose there is unknown.
+
 Structures (``RTSTRUCT``). ``CLOSED_PLANAR`` contours are rasterised on the case grid, plane
 by plane, by a supersampled even-odd fill (``dosegym.data._raster.fill_polygons``): several
 contours on one plane combine by XOR, so an inner contour is a hole. The fractional occupancy
@@ -27,7 +37,10 @@ is ``EXTERNAL`` (else one named Body/External) becomes ``Case.body`` and is not 
 Dose (``RTDOSE``). ``pixel × DoseGridScaling`` in ``DoseUnits`` GY (CGY divided by 100);
 frames at ``ImagePositionPatient + GridFrameOffsetVector · n``. On the CT grid it is
 resampled by trilinear interpolation and is zero outside the span of the dose voxel centres.
-Several ``BEAM`` doses are summed; otherwise one ``PLAN`` (or ``MULTI_PLAN``) dose is used.
+Several ``BEAM`` doses are summed; otherwise one ``PLAN`` (or ``MULTI_PLAN``) dose is used;
+a ``FRACTION`` dose is multiplied by the RTPLAN's ``NumberOfFractionsPlanned`` (refused
+without one); an empty ``DoseSummationType`` is taken as PLAN (noted); other types are
+refused. Unequally spaced frames are resampled linearly onto equal ones (noted).
 
 Plan (``RTPLAN``). Treatment beams only (setup fields are skipped). Static beams give the
 gantry angle of their first control point; an arc (``GantryRotationDirection`` CW/CC) makes
@@ -44,7 +57,7 @@ from __future__ import annotations
 import datetime
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -67,8 +80,8 @@ from pydicom.valuerep import format_number_as_ds
 from scipy import ndimage
 
 from dosegym.data._raster import fill_polygons, plane_contours, select_planes
-from dosegym.data.atomic import atomic_path
-from dosegym.data.case import Beams, Case, Prescription, canonical_name
+from dosegym.data.atomic import atomic_folder, atomic_path
+from dosegym.data.case import TARGET_PREFIXES, Beams, Case, Prescription, canonical_name
 from dosegym.data.grid import Grid
 from dosegym.data.io import _is_dicom_file
 from dosegym.errors import DataError
@@ -85,6 +98,7 @@ STUDY_KEYWORDS = (
 )
 _DOSE_UNITS_TO_GY = {"GY": 1.0, "CGY": 0.01}
 _TOTAL_DOSE_TYPES = ("PLAN", "MULTI_PLAN")
+_DOSE_SUMMATION_TYPES = ("PLAN", "MULTI_PLAN", "BEAM", "FRACTION", "")
 _BODY_NAMES = ("body", "external")
 _PTV_NUMBER = re.compile(r"(\d+(?:\.\d+)?)")
 
@@ -108,12 +122,13 @@ def _read_file(path: Path, *, pixels: bool) -> Dataset:
     """Read one DICOM file (also without the 128-byte preamble) or raise ``DataError``."""
     try:
         try:
-            return pydicom.dcmread(path, stop_before_pixels=not pixels)
+            ds = pydicom.dcmread(path, stop_before_pixels=not pixels)
         except InvalidDicomError:
             ds = pydicom.dcmread(path, stop_before_pixels=not pixels, force=True)
+        header = [str(ds.get(k, "") or "") for k in ("SOPClassUID", "Modality")]  # values decode here
     except Exception as exc:  # noqa: BLE001 - pydicom raises many types on corrupt input
         raise DataError(f"{path}: not a readable DICOM file ({type(exc).__name__}: {exc})") from exc
-    if "SOPClassUID" not in ds or "Modality" not in ds:
+    if not all(header):
         raise DataError(f"{path}: not a readable DICOM file (no DICOM header, SOPClassUID or Modality)")
     return ds
 
@@ -248,8 +263,8 @@ class _Stack:
                 raise DataError(
                     f"{self.source}: planes are not equally spaced (gap of "
                     f"{self.offsets[gap + 1] - self.offsets[gap]:.4g} mm after plane {gap}, "
-                    f"expected {np.median(np.diff(self.offsets)):.4g} mm); read_dicom(grid='ct') "
-                    "resamples such a stack onto the CT grid"
+                    f"expected {np.median(np.diff(self.offsets)):.4g} mm); read_dicom "
+                    "resamples such a stack onto the case grid"
                 )
         elif slice_thickness_mm:
             step = float(slice_thickness_mm)
@@ -366,8 +381,11 @@ def _pixels(ds: Dataset, path: Path) -> np.ndarray:
         raise DataError(f"{path}: PixelData cannot be decoded ({type(exc).__name__}: {exc})") from exc
 
 
-def _ct_stack(files: list[tuple[Path, Dataset]]) -> _Stack:
-    """The CT series as a stack in HU, slices sorted along the normal; checks consistency."""
+def _ct_stack(files: list[tuple[Path, Dataset]]) -> tuple[_Stack, str | None]:
+    """The CT series as a stack in HU, slices sorted along the normal; checks consistency.
+
+    Also returns why the slices form no grid (unequal gaps, e.g. a missing slice), else ``None``.
+    """
     path0, ds0 = files[0]
     r, c = _cosines(ds0, path0)
     n = np.cross(r, c)
@@ -393,8 +411,9 @@ def _ct_stack(files: list[tuple[Path, Dataset]]) -> _Stack:
         k = int(dup[0])
         raise DataError(f"{paths[k + 1]}: ImagePositionPatient repeats the slice position of {paths[k].name}")
     gap = _uneven_gap(w)
+    problem = None
     if gap is not None:
-        raise DataError(
+        problem = (
             f"{paths[gap + 1]}: ImagePositionPatient is {w[gap + 1] - w[gap]:.4g} mm from "
             f"{paths[gap].name}, expected {np.median(np.diff(w)):.4g} mm: slices are not "
             "equally spaced (a slice may be missing)"
@@ -411,7 +430,7 @@ def _ct_stack(files: list[tuple[Path, Dataset]]) -> _Stack:
         slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
         intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
         slices.append(px.astype(np.float32) * np.float32(slope) + np.float32(intercept))
-    return _Stack(
+    stack = _Stack(
         np.stack(slices),
         pos[0],
         r,
@@ -420,6 +439,7 @@ def _ct_stack(files: list[tuple[Path, Dataset]]) -> _Stack:
         w - w[0],
         f"{path0.parent} (CT series)",
     )
+    return stack, problem
 
 
 def _dose_stack(ds: Dataset, path: Path) -> _Stack:
@@ -471,6 +491,30 @@ def _slice_thickness(ds: Dataset) -> float | None:
         return None
 
 
+def _dose_on_own_grid(stack: _Stack, ds: Dataset) -> tuple[np.ndarray, Grid, str | None]:
+    """An RTDOSE on its own (canonical) grid: dose in Gy (``float32``), grid, note.
+
+    Unequally spaced frames (a non-uniform ``GridFrameOffsetVector``) are resampled linearly
+    onto equal frames over the same span at the smallest gap; the note says so.
+    """
+    note = None
+    if _uneven_gap(stack.offsets) is not None:
+        gaps = np.diff(stack.offsets)
+        span = float(stack.offsets[-1] - stack.offsets[0])
+        frames = int(np.ceil(span / float(gaps.min()) - 1e-6)) + 1
+        shape = (frames, *stack.values.shape[1:])
+        uniform = replace(stack, values=np.zeros(shape), offsets=np.linspace(0.0, span, frames))
+        values = stack.sample(uniform.native_grid(), outside=0.0)
+        note = (
+            f"{stack.source}: GridFrameOffsetVector is not uniform (gaps {gaps.min():.4g} to "
+            f"{gaps.max():.4g} mm); the dose was resampled linearly onto {frames} frames "
+            f"{span / (frames - 1):.4g} mm apart"
+        )
+        stack = replace(uniform, values=values)
+    grid, order, flips = _canonical(stack.native_grid(_slice_thickness(ds)))
+    return _reorient(stack.values, order, flips).astype(np.float32), grid, note
+
+
 def read_rtdose(path: str | Path) -> tuple[np.ndarray, Grid]:
     """Read an RTDOSE file: dose in Gy (``float32``, (z, y, x)) on its own grid.
 
@@ -491,19 +535,26 @@ def read_rtdose(path: str | Path) -> tuple[np.ndarray, Grid]:
 # --------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Roi:
-    """One RTSTRUCT ROI rasterised on a grid (``occupancy`` ``None``: no planar contours)."""
+    """One RTSTRUCT ROI rasterised on a grid (``occupancy`` ``None``: no planar contours).
+
+    ``outside_share`` is the share of the contoured volume that lies outside the grid and was
+    cut off (0 when the grid holds it all, 1 when ``occupancy`` is empty).
+    """
 
     number: int
     name: str
     interpreted_type: str
     occupancy: np.ndarray | None
+    outside_share: float = 0.0
 
 
-def _check_frame(ds: Dataset, path: Path, uids: set[str], frame_of_reference_uid: str) -> None:
+def _check_frame(
+    ds: Dataset, path: Path, uids: set[str], frame_of_reference_uid: str, owner: str = "the CT's"
+) -> None:
     others = sorted(u for u in uids if u and u != frame_of_reference_uid)
     if others:
         raise DataError(
-            f"{path}: FrameOfReferenceUID {others[0]} differs from the CT's "
+            f"{path}: FrameOfReferenceUID {others[0]} differs from {owner} "
             f"{frame_of_reference_uid} (mismatched frames of reference); the file belongs to "
             "another image set"
         )
@@ -528,8 +579,12 @@ def _rasterise_roi(
     supersample: int,
     half_thickness_mm: float,
     where: str,
-) -> np.ndarray:
-    """Occupancy on ``grid`` of planar contours ((N, 3) (z, y, x) mm) lying across ``axis``."""
+) -> tuple[np.ndarray, float]:
+    """Occupancy on ``grid`` of planar contours ((N, 3) (z, y, x) mm) lying across ``axis``.
+
+    Also returns the share of the contoured volume outside the grid: the same rules applied
+    to the slices and pixels beyond the grid's edges (only those the contours reach).
+    """
     spacing = grid.spacing_mm[axis]
     plane_pos, in_plane = [], []
     other = [a for a in range(3) if a != axis]
@@ -543,14 +598,32 @@ def _rasterise_roi(
         plane_pos.append(float(along.mean()))
         in_plane.append(idx[:, other])
     planes, which = np.unique(np.round(plane_pos, 2), return_inverse=True)
-    chosen = select_planes(planes, np.arange(grid.shape[axis]) * spacing, half_thickness_mm)
+    # the grid's slices, and those beyond it that may take a plane (a slab's reach, at most 64)
+    reach = min(np.ceil(half_thickness_mm / spacing) + 1, 64)
+    near = [np.arange(w // spacing - reach, w // spacing + reach + 1) for w in planes]
+    slices = np.union1d(np.arange(grid.shape[axis]), np.concatenate(near))
+    chosen = select_planes(planes, slices * spacing, half_thickness_mm)
     occ = np.zeros(grid.shape, dtype=np.float32)
     view = np.moveaxis(occ, axis, 0)
     plane_shape = (grid.shape[other[0]], grid.shape[other[1]])
-    for s in np.flatnonzero(chosen >= 0):
-        polys = [in_plane[n] for n in np.flatnonzero(which == chosen[s])]
-        view[s] = fill_polygons(polys, plane_shape, supersample)
-    return occ
+    total = kept = 0.0
+    for k, c in zip(slices, chosen, strict=True):
+        if c < 0:
+            continue
+        polys = [in_plane[n] for n in np.flatnonzero(which == c)]
+        pts = np.concatenate(polys)
+        lo, hi = np.floor(pts.min(axis=0) + 0.5), np.floor(pts.max(axis=0) + 0.5) + 1
+        inside = 0 <= k < grid.shape[axis]
+        if inside:
+            view[int(k)] = fill_polygons(polys, plane_shape, supersample)
+            kept += float(view[int(k)].sum())
+        if inside and np.all(lo >= 0) and np.all(hi <= plane_shape):
+            total += float(view[int(k)].sum())
+        else:  # the plane's full area on a window around its polygons, coarser if it is huge
+            f = max(1.0, float(np.sqrt(np.prod(hi - lo) / 2**22)))
+            window = tuple(int(n) for n in np.ceil((hi - lo) / f))
+            total += f * f * float(fill_polygons([(q - lo) / f for q in polys], window, supersample).sum())
+    return occ, (1.0 - kept / total if total > 0 else 0.0)
 
 
 def _int(item: Dataset, keyword: str, where: str) -> int:
@@ -574,31 +647,8 @@ def _contour_points(contour: Dataset) -> np.ndarray:
     return numbers.reshape(-1, 3)
 
 
-def _rtstruct_rois(
-    ds: Dataset,
-    path: Path,
-    grid: Grid,
-    *,
-    supersample: int,
-    slice_thickness_mm: float | None,
-    frame_of_reference_uid: str | None,
-) -> list[Roi]:
-    names: dict[int, str] = {}
-    frames: set[str] = {
-        str(fr.get("FrameOfReferenceUID", "")) for fr in ds.get("ReferencedFrameOfReferenceSequence") or []
-    }
-    for i, item in enumerate(ds.get("StructureSetROISequence") or []):
-        number = _int(item, "ROINumber", f"{path}: StructureSetROISequence[{i}]")
-        names[number] = str(item.get("ROIName", "") or f"ROI{number}").strip()
-        frames.add(str(item.get("ReferencedFrameOfReferenceUID", "")))
-    if frame_of_reference_uid is not None:
-        _check_frame(ds, path, frames, frame_of_reference_uid)
-    types = {
-        _int(o, "ReferencedROINumber", f"{path}: RTROIObservationsSequence[{i}]"): str(
-            o.get("RTROIInterpretedType", "") or ""
-        ).upper()
-        for i, o in enumerate(ds.get("RTROIObservationsSequence") or [])
-    }
+def _planar_contours(ds: Dataset, path: Path) -> dict[int, list[np.ndarray]]:
+    """ROI number -> its closed planar contours, (N, 3) (z, y, x) mm (fewer than 3 points dropped)."""
     planar: dict[int, list[np.ndarray]] = {}
     for k, item in enumerate(ds.get("ROIContourSequence") or []):
         number = _int(item, "ReferencedROINumber", f"{path}: ROIContourSequence[{k}]")
@@ -615,6 +665,40 @@ def _rtstruct_rois(
                 ) from exc
             if len(pts) >= 3 and np.all(np.isfinite(pts)):
                 planar.setdefault(number, []).append(pts[:, ::-1])  # LPS -> (z, y, x)
+    return planar
+
+
+def _rtstruct_rois(
+    ds: Dataset,
+    path: Path,
+    grid: Grid,
+    *,
+    supersample: int,
+    slice_thickness_mm: float | None,
+    frame_of_reference_uid: str | None,
+    planar: dict[int, list[np.ndarray]] | None = None,
+    keep_outside: bool = False,
+    frame_owner: str = "the CT's",
+) -> list[Roi]:
+    """The ROIs rasterised on ``grid``; one wholly outside it raises, or with ``keep_outside``
+    comes back empty (``outside_share`` 1). ``planar``: the parsed contours, if already read."""
+    names: dict[int, str] = {}
+    frames: set[str] = {
+        str(fr.get("FrameOfReferenceUID", "")) for fr in ds.get("ReferencedFrameOfReferenceSequence") or []
+    }
+    for i, item in enumerate(ds.get("StructureSetROISequence") or []):
+        number = _int(item, "ROINumber", f"{path}: StructureSetROISequence[{i}]")
+        names[number] = str(item.get("ROIName", "") or f"ROI{number}").strip()
+        frames.add(str(item.get("ReferencedFrameOfReferenceUID", "")))
+    if frame_of_reference_uid is not None:
+        _check_frame(ds, path, frames, frame_of_reference_uid, frame_owner)
+    types = {
+        _int(o, "ReferencedROINumber", f"{path}: RTROIObservationsSequence[{i}]"): str(
+            o.get("RTROIInterpretedType", "") or ""
+        ).upper()
+        for i, o in enumerate(ds.get("RTROIObservationsSequence") or [])
+    }
+    planar = _planar_contours(ds, path) if planar is None else planar
     axis = 0
     if planar:
         biggest = max((c for cs in planar.values() for c in cs), key=len)
@@ -630,16 +714,18 @@ def _rtstruct_rois(
     out = []
     for number, name in names.items():
         where = f"{path}: ROI {name!r} (ROINumber {number})"
-        occ = None
+        occ, share = None, 0.0
         if number in planar:
-            occ = _rasterise_roi(planar[number], grid, axis, supersample, half, where)
+            occ, share = _rasterise_roi(planar[number], grid, axis, supersample, half, where)
             if not occ.any():
-                raise DataError(
-                    f"{where}: contours lie entirely outside the {grid.shape} grid "
-                    f"(z, y, x from {np.round(grid.origin_mm, 1).tolist()} mm); the structure "
-                    "would be empty"
-                )
-        out.append(Roi(number, name, types.get(number, ""), occ))
+                if not keep_outside:
+                    raise DataError(
+                        f"{where}: contours lie entirely outside the {grid.shape} grid "
+                        f"(z, y, x from {np.round(grid.origin_mm, 1).tolist()} mm); the structure "
+                        "would be empty"
+                    )
+                share = 1.0
+        out.append(Roi(number, name, types.get(number, ""), occ, share))
     return out
 
 
@@ -775,24 +861,81 @@ def read_rtplan(
     ds = _read_file(p, pixels=False)
     if str(ds.Modality).upper() != "RTPLAN":
         raise DataError(f"{p}: Modality is {ds.Modality!r}, expected 'RTPLAN'")
-    return _plan_beams(ds, p), _plan_prescriptions(ds, p, rois or {})
+    return _plan_contents(ds, p, rois or {})
+
+
+def _plan_contents(
+    ds: Dataset, path: Path, rois: Mapping[int, str]
+) -> tuple[Beams | None, list[Prescription]]:
+    """Beams and prescriptions of an RTPLAN dataset; a value that is not a number raises ``DataError``."""
+    try:
+        return _plan_beams(ds, path), _plan_prescriptions(ds, path, rois)
+    except (TypeError, ValueError) as exc:
+        raise DataError(
+            f"{path}: an RTPLAN value (angle, isocenter, dose or fraction count) is not a number ({exc})"
+        ) from exc
 
 
 # --------------------------------------------------------------------------------------
 # The case reader
 # --------------------------------------------------------------------------------------
+def _summation_type(ds: Dataset) -> str:
+    return str(ds.get("DoseSummationType", "") or "").upper()
+
+
 def _pick_doses(found: _Folder) -> list[tuple[Path, Dataset]]:
+    """The RTDOSE files that make the plan's total: all BEAM doses, else the one PLAN dose."""
     doses = found.rtdose
-    if len(doses) <= 1:
-        return doses
-    kinds = [str(ds.get("DoseSummationType", "")).upper() for _, ds in doses]
-    if all(k == "BEAM" for k in kinds):
-        return doses
-    totals = [d for d, k in zip(doses, kinds, strict=True) if k in _TOTAL_DOSE_TYPES]
-    if len(totals) == 1:
-        return totals
-    names = ", ".join(f"{p.name} ({k})" for (p, _), k in zip(doses, kinds, strict=True))
-    raise DataError(f"{found.path}: several RTDOSE files ({names}); keep one PLAN dose or only BEAM doses")
+    kinds = [_summation_type(ds) for _, ds in doses]
+    if len(doses) > 1 and not all(k == "BEAM" for k in kinds):
+        totals = [d for d, k in zip(doses, kinds, strict=True) if k in _TOTAL_DOSE_TYPES]
+        if len(totals) != 1:
+            names = ", ".join(f"{p.name} ({k})" for (p, _), k in zip(doses, kinds, strict=True))
+            raise DataError(
+                f"{found.path}: several RTDOSE files ({names}); keep one PLAN dose or only BEAM doses"
+            )
+        doses = totals
+    for p, ds in doses:
+        kind = _summation_type(ds)
+        if kind not in _DOSE_SUMMATION_TYPES:
+            raise DataError(
+                f"{p}: DoseSummationType {kind!r} is not a dose dosegym can total; valid: PLAN, "
+                "MULTI_PLAN, BEAM (several are summed), FRACTION (times the RTPLAN's fractions), "
+                "or empty (taken as PLAN)"
+            )
+    return doses
+
+
+def _treatment_beams(plan: Dataset) -> int:
+    """The number of treatment beams of an RTPLAN (setup and verification fields left out)."""
+    beams = plan.get("BeamSequence") or plan.get("IonBeamSequence") or []
+    kinds = [str(b.get("TreatmentDeliveryType", "") or "TREATMENT").upper() for b in beams]
+    return sum(k in ("TREATMENT", "CONTINUATION") for k in kinds)
+
+
+def _fractions_planned(dose: tuple[Path, Dataset], plan: tuple[Path, Dataset] | None) -> int:
+    """``NumberOfFractionsPlanned`` of the fraction group a FRACTION dose belongs to."""
+    path, ds = dose
+    groups = (plan[1].get("FractionGroupSequence") or []) if plan is not None else []
+    wanted = [
+        g.get("ReferencedFractionGroupNumber")
+        for r in ds.get("ReferencedRTPlanSequence") or []
+        for g in r.get("ReferencedFractionGroupSequence") or []
+    ]
+    group = next((g for g in groups if g.get("FractionGroupNumber") in wanted), groups[0] if groups else None)
+    planned = group.get("NumberOfFractionsPlanned") if group is not None else None
+    try:
+        fractions = int(planned)
+    except (TypeError, ValueError):
+        fractions = 0
+    if fractions < 1:
+        raise DataError(
+            f"{path}: DoseSummationType FRACTION is the dose of one fraction; its total needs "
+            f"NumberOfFractionsPlanned >= 1 from the RTPLAN's FractionGroupSequence "
+            f"({'no RTPLAN in the folder' if plan is None else f'{plan[0].name} has {planned!r}'}); "
+            "add the RTPLAN or export the PLAN dose"
+        )
+    return fractions
 
 
 def _pick_plan(found: _Folder, doses: list[tuple[Path, Dataset]]) -> tuple[Path, Dataset] | None:
@@ -811,50 +954,165 @@ def _is_body(roi: Roi) -> bool:
     return roi.interpreted_type == "EXTERNAL"
 
 
-def read_dicom(path: str | Path, grid: Literal["ct", "dose"] = "ct", supersample: int = 4) -> Case:
+def _is_target(roi: Roi) -> bool:
+    typed = roi.interpreted_type in ("PTV", "CTV", "GTV")
+    return typed or roi.name.strip().upper().startswith(TARGET_PREFIXES)
+
+
+def _roi_names(ds: Dataset) -> dict[int, str]:
+    """ROI number -> name, skipping malformed items (``_rtstruct_rois`` reports those)."""
+    out = {}
+    for item in ds.get("StructureSetROISequence") or []:
+        try:
+            out[int(item.get("ROINumber"))] = str(item.get("ROIName", "") or "").strip()
+        except (TypeError, ValueError):
+            continue
+    return out
+
+
+def _plane_positions(contours: list[np.ndarray], normal: np.ndarray) -> np.ndarray:
+    """Positions (mm along the LPS ``normal``) of the planes of (z, y, x) mm contours."""
+    return np.array([float(c.mean(axis=0)[::-1] @ normal) for c in contours])
+
+
+def _ct_short(stack: _Stack, thickness_mm: float, planar: dict[int, list[np.ndarray]], names) -> str | None:
+    """Why the CT's slices (slabs of one slice) do not hold every contour plane, else ``None``."""
+    n = stack.normal
+    half = 0.5 * (float(np.median(np.diff(stack.offsets))) if len(stack.offsets) > 1 else thickness_mm)
+    lo = float(stack.position @ n) - half
+    hi = float(stack.position @ n + stack.offsets[-1]) + half
+    missing = []
+    for number, contours in planar.items():
+        w = _plane_positions(contours, n)
+        if np.any((w < lo - 1e-3) | (w > hi + 1e-3)):
+            missing.append((names.get(number, f"ROINumber {number}"), float(w.min()), float(w.max())))
+    if not missing:
+        return None
+    name, w0, w1 = missing[0]
+    count = len(stack.offsets)
+    return (
+        f"{stack.source}: {count} slice{'s' if count > 1 else ''} ({lo:.1f} to {hi:.1f} mm along the "
+        f"slice normal) do not hold the contours of {len(missing)} ROI{'s' if len(missing) > 1 else ''} "
+        f"(e.g. {name!r}: planes {w0:.1f} to {w1:.1f} mm)"
+    )
+
+
+def _contour_spacing(planar: dict[int, list[np.ndarray]]) -> float | None:
+    """The usual gap (mm) between neighbouring contour planes of all ROIs (``None``: < 2 planes)."""
+    contours = [c for cs in planar.values() for c in cs]
+    if not contours:
+        return None
+    normal = _newell_normal(max(contours, key=len))
+    normal = normal / max(np.linalg.norm(normal), 1e-12)
+    gaps = np.diff(np.unique(np.round(_plane_positions(contours, normal[::-1]), 2)))
+    gaps = gaps[gaps > 0.01]
+    return float(np.median(gaps)) if gaps.size else None
+
+
+def _dose_coverage(stacks: list[_Stack], grid: Grid) -> np.ndarray:
+    """Where ``grid``'s voxel centres lie within the span of some RTDOSE's voxel centres."""
+    covered = np.zeros(grid.shape, dtype=bool)
+    for stack in stacks:
+        covered |= replace(stack, values=np.ones(stack.values.shape, np.float32)).sample(grid, 0.0) > 0.5
+    return covered
+
+
+def read_dicom(path: str | Path, grid: Literal["auto", "ct", "dose"] = "auto", supersample: int = 4) -> Case:
     """Read a folder of DICOM RT files (CT series + RTSTRUCT/RTDOSE/RTPLAN) into a ``Case``.
 
     ``path`` is the folder (a file means its folder). ``grid="ct"`` puts everything on the
-    CT grid; ``grid="dose"`` on the RTDOSE grid (CT resampled trilinearly, air outside).
-    ``supersample`` is the number of in-plane scanlines per voxel row used to rasterise
+    CT grid; ``grid="dose"`` on the RTDOSE grid (CT resampled trilinearly, air outside);
+    ``grid="auto"`` on the CT grid when the CT series holds every contour plane, else on the
+    RTDOSE grid without a CT (``ct`` ``None``): no CT, a partial CT (a slice or a few), or a
+    CT with a missing slice. On the RTDOSE grid structures are cut to the grid, one wholly
+    outside it is left out; a target more than 1 % outside the RTDOSE grid raises
+    ``DataError`` (on either grid). ``case.meta["grid_source"]`` ("ct" or "rtdose") and
+    ``case.meta["grid_reason"]`` say which grid and why; ``case.meta["notes"]`` lists what
+    was cut, resampled or scaled. ``supersample``: in-plane scanlines per voxel row for the
     contours. Conventions and rules: module docstring. ``case.meta["dicom"]`` keeps the UIDs
-    and patient/study attributes that ``write_rtdose`` needs to reference the CT.
+    and patient/study attributes that ``write_rtdose`` needs.
     """
-    if grid not in ("ct", "dose"):
-        raise DataError(f"grid must be 'ct' or 'dose', got {grid!r}")
+    if grid not in ("auto", "ct", "dose"):
+        raise DataError(f"grid must be 'auto', 'ct' or 'dose', got {grid!r}")
     supersample = _supersample(supersample)
     folder = Path(path)
     if folder.is_file():
         folder = folder.parent
     found = _scan(folder, pixels=True)
     struct = _only(found.rtstruct, "RTSTRUCT", folder)
-    ct_files = _pick_ct(found, struct[1] if struct else None)
-    ct_stack = _ct_stack(ct_files)
-    ct_ds = ct_files[0][1]
-    frame_uid = str(ct_ds.get("FrameOfReferenceUID", ""))
     doses = _pick_doses(found)
     plan = _pick_plan(found, doses)
+    if not found.ct and (grid == "ct" or not doses):
+        seen = ", ".join(sorted(p.name for p, _ in found.rtstruct + found.rtdose + found.rtplan))
+        need = "its planning CT" + ("" if grid == "ct" else ", or an RTDOSE to read the structures on")
+        raise DataError(
+            f"{folder}: missing CT: no CT image series (Modality CT)"
+            f"{'' if grid == 'ct' else ' and no RTDOSE'} found{f' beside {seen}' if seen else ''}; "
+            f"a DICOM RT case needs {need}"
+        )
+    planar = _planar_contours(struct[1], struct[0]) if struct else {}
+    names = _roi_names(struct[1]) if struct else {}
+    ct_files = _pick_ct(found, struct[1] if struct else None) if found.ct else []
+    ct_stack, ct_problem = _ct_stack(ct_files) if ct_files else (None, f"{folder}: no CT image series")
+    ct_ds = ct_files[0][1] if ct_files else None
+    ct_thickness = _slice_thickness(ct_ds) if ct_ds is not None else None
+    if ct_stack is not None and ct_problem is None and len(ct_stack.offsets) == 1 and not ct_thickness:
+        ct_problem = f"{ct_files[0][0]}: a single CT slice without SliceThickness has no 3-D grid"
+    if grid == "ct" and ct_problem is not None:
+        raise DataError(ct_problem)
+    if ct_stack is not None and ct_problem is None:
+        ct_problem = _ct_short(ct_stack, ct_thickness or 0.0, planar, names)
+    on_ct = grid == "ct" or (grid == "auto" and ct_problem is None)
+    if not on_ct and not doses:
+        raise DataError(f"{ct_problem}; and there is no RTDOSE to read the case on instead")
+
+    frame_owner = "the CT's" if ct_ds is not None else f"the RTDOSE's ({doses[0][0].name})"
+    frame_uid = str((ct_ds if ct_ds is not None else doses[0][1]).get("FrameOfReferenceUID", ""))
     for p, ds in doses + ([plan] if plan else []):
         if "FrameOfReferenceUID" in ds:
-            _check_frame(ds, p, {str(ds.FrameOfReferenceUID)}, frame_uid)
-    dose_stacks = [(p, _dose_stack(ds, p)) for p, ds in doses]
-    ct_native = ct_stack.native_grid(_slice_thickness(ct_ds))
-    if grid == "ct":
+            _check_frame(ds, p, {str(ds.FrameOfReferenceUID)}, frame_uid, frame_owner)
+    dose_stacks = [_dose_stack(ds, p) for p, ds in doses]
+    notes: list[str] = []
+    first_dose = None
+    if on_ct:
+        ct_native = ct_stack.native_grid(ct_thickness)
         case_grid, order, flips = _canonical(ct_native)
         ct = _reorient(ct_stack.values, order, flips)
+        slab = ct_native.spacing_mm[0]
+        reason = "the CT series holds every contour plane" if grid == "auto" else "asked for: grid='ct'"
     else:
-        if not dose_stacks:
-            raise DataError(f"{folder}: grid='dose' needs an RTDOSE file; none found")
-        first = dose_stacks[0][1]
-        case_grid, order, flips = _canonical(first.native_grid(_slice_thickness(doses[0][1])))
-        ct = ct_stack.sample(case_grid, outside=AIR_HU)
-    dose = None
-    for k, (_, stack) in enumerate(dose_stacks):
-        if k == 0 and grid == "dose":  # the case grid is this dose's own grid
-            part = _reorient(stack.values, order, flips).astype(np.float32)
+        first_dose, case_grid, note = _dose_on_own_grid(dose_stacks[0], doses[0][1])
+        notes += [note] if note else []
+        ct = None
+        if ct_problem is None:  # grid="dose" with a CT that holds the structures
+            ct = ct_stack.sample(case_grid, outside=AIR_HU)
+            reason = "asked for: grid='dose' (CT resampled onto it, air outside the CT)"
         else:
-            part = stack.sample(case_grid, outside=0.0)
+            reason = f"{ct_problem}; read on the grid of {doses[0][0].name} without a CT"
+        if ct_stack is not None and len(ct_stack.offsets) > 1:
+            slab = float(np.median(np.diff(ct_stack.offsets)))
+        else:
+            slab = ct_thickness or _contour_spacing(planar)
+    dose = None
+    for k, stack in enumerate(dose_stacks):
+        part = first_dose if k == 0 and first_dose is not None else stack.sample(case_grid, outside=0.0)
         dose = part if dose is None else dose + part
+    kinds = [_summation_type(ds) for _, ds in doses]
+    if "BEAM" in kinds:
+        names = ", ".join(p.name for p, _ in doses)
+        beams_planned = _treatment_beams(plan[1]) if plan else 0
+        if beams_planned > len(doses):
+            raise DataError(
+                f"{folder}: {len(doses)} BEAM dose(s) ({names}) for the {beams_planned} treatment beams "
+                f"of {plan[0].name}: the total would miss beams; add every beam's RTDOSE or the PLAN dose"
+            )
+        notes.append(f"dose: the sum of {len(doses)} BEAM dose(s) ({names})")
+    elif kinds == ["FRACTION"]:
+        fractions = _fractions_planned(doses[0], plan)
+        dose = dose * np.float32(fractions)
+        notes.append(f"dose: {doses[0][0].name} is one FRACTION; multiplied by the {fractions} planned")
+    elif kinds == [""]:
+        notes.append(f"dose: {doses[0][0].name} has no DoseSummationType; taken as the PLAN dose")
 
     structures: dict[str, np.ndarray] = {}
     occupancy: dict[str, np.ndarray] = {}
@@ -862,17 +1120,40 @@ def read_dicom(path: str | Path, grid: Literal["ct", "dose"] = "ct", supersample
     body_name = None
     skipped: list[str] = []
     numbers: dict[int, str] = {}
+    clipped: dict[str, float] = {}
+    outside_dose: dict[str, float] = {}
+    dropped: list[str] = []
     if struct is not None:
         rois = _rtstruct_rois(
             struct[1],
             struct[0],
             case_grid,
             supersample=supersample,
-            slice_thickness_mm=ct_native.spacing_mm[0],
+            slice_thickness_mm=slab,
             frame_of_reference_uid=frame_uid,
+            planar=planar,
+            keep_outside=not on_ct,
+            frame_owner=frame_owner,
         )
+        covered = _dose_coverage(dose_stacks, case_grid) if on_ct and dose_stacks else None
         drawn = [r for r in rois if r.occupancy is not None]
         skipped = [r.name for r in rois if r.occupancy is None]
+        for roi in drawn:
+            share = roi.outside_share  # on the RTDOSE grid: the share outside the dose
+            if on_ct:
+                clipped.update({roi.name: round(share, 4)} if round(share, 4) > 0 else {})
+                if covered is None:  # no RTDOSE
+                    continue
+                share = 1.0 - float(roi.occupancy[covered].sum()) / float(roi.occupancy.sum())
+            if share > 0.01 and _is_target(roi):
+                raise DataError(
+                    f"{struct[0]}: ROI {roi.name!r} is a target and {share:.1%} of it lies outside "
+                    f"the RTDOSE grid of {doses[0][0].name} (shape {dose_stacks[0].values.shape}); "
+                    "its dose there is unknown; an RTDOSE must cover every target"
+                )
+            outside_dose.update({roi.name: round(share, 4)} if round(share, 4) > 0 else {})
+        dropped = [r.name for r in drawn if not r.occupancy.any()]
+        drawn = [r for r in drawn if r.occupancy.any()]
         body_roi = next((r for r in drawn if _is_body(r)), None) or next(
             (r for r in drawn if r.name.lower() in _BODY_NAMES), None
         )
@@ -884,22 +1165,33 @@ def read_dicom(path: str | Path, grid: Literal["ct", "dose"] = "ct", supersample
             name = roi.name if roi.name not in structures else f"{roi.name}_{roi.number}"
             structures[name], occupancy[name] = mask, roi.occupancy
             numbers[roi.number] = name
+    if clipped:
+        notes.append(f"structures cut at the edge of the CT grid (share of volume lost): {clipped}")
+    if outside_dose:
+        where = "cut to the RTDOSE grid" if not on_ct else "partly outside the RTDOSE grid (0 Gy there)"
+        notes.append(f"structures {where} (share of volume): {outside_dose}")
+    if dropped:
+        notes.append(f"structures wholly outside the RTDOSE grid, left out: {dropped}")
     beams, prescriptions = None, []
     if plan is not None:
-        beams = _plan_beams(plan[1], plan[0])
-        prescriptions = _plan_prescriptions(plan[1], plan[0], numbers)
+        beams, prescriptions = _plan_contents(plan[1], plan[0], numbers)
 
+    source_ds = ct_ds if ct_ds is not None else (struct[1] if struct else doses[0][1])
     meta: dict[str, Any] = {
         "source": str(folder),
         "format": "dicom",
+        "grid_source": "ct" if on_ct else "rtdose",
+        "grid_reason": reason,
+        "notes": notes,
         "dicom": {
-            "grid": grid,
+            "grid": "ct" if on_ct else "dose",
             "supersample": supersample,
+            "contour_slab_mm": slab,
             "frame_of_reference_uid": frame_uid,
-            "ct_series_instance_uid": str(ct_ds.get("SeriesInstanceUID", "")),
+            "ct_series_instance_uid": str(ct_ds.get("SeriesInstanceUID", "")) if ct_ds is not None else None,
             "rtplan_sop_instance_uid": str(plan[1].get("SOPInstanceUID", "")) if plan else None,
-            "patient": _keywords(ct_ds, PATIENT_KEYWORDS),
-            "study": _keywords(ct_ds, STUDY_KEYWORDS),
+            "patient": _keywords(source_ds, PATIENT_KEYWORDS),
+            "study": _keywords(source_ds, STUDY_KEYWORDS),
             "files": {
                 "ct": len(ct_files),
                 "rtstruct": struct[0].name if struct else None,
@@ -909,6 +1201,9 @@ def read_dicom(path: str | Path, grid: Literal["ct", "dose"] = "ct", supersample
             "roi_numbers": {name: number for number, name in numbers.items()},
             "body_roi": body_name,
             "rois_without_contours": skipped,
+            "rois_outside_grid": dropped,
+            "clipped_to_grid": clipped,
+            "outside_dose_grid": outside_dose,
             "ignored_files": found.ignored,
         },
     }
@@ -1420,7 +1715,8 @@ def mask_contours(mask: np.ndarray, grid: Grid) -> list[np.ndarray]:
 def write_dicom_case(
     case: Case, folder: str | Path, *, contours: Mapping[str, Sequence[np.ndarray]] | None = None
 ) -> Path:
-    """Write ``case`` as a DICOM RT set in ``folder``, atomically (the folder is replaced).
+    """Write ``case`` as a DICOM RT set in ``folder``, atomically (a folder output, see
+    :mod:`dosegym.data.atomic`: new, empty, or a set written here before, whose files it replaces).
 
     Files: ``CT.0001.dcm`` ... (one per slice along index axis 0, int16 HU; without a CT,
     water in the body and air around it), ``RS.dcm`` (every structure, then the body as
@@ -1450,8 +1746,7 @@ def write_dicom_case(
     if body_name is not None:
         rois[body_name] = given.get(body_name) or mask_contours(case.body, case.grid)
         types[body_name] = "EXTERNAL"
-    with atomic_path(folder) as tmp:
-        tmp.mkdir()
+    with atomic_folder(folder, "dosegym DICOM case") as tmp:
         _write_ct_series(case, tmp)
         write_rtstruct(rois, tmp / "RS.dcm", ct_folder=tmp, interpreted_types=types)
         if case.beams is not None or case.prescriptions:

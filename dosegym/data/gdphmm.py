@@ -113,14 +113,17 @@ def _load_dict(path: Path, trusted: bool) -> dict[str, Any]:
             f"{path}: GDP-HMM files store the plan as a pickled Python dict, and unpickling can "
             "run arbitrary code. Load only files from a source you trust, with "
             "read_case(path, trusted=True) / read_gdphmm(path, trusted=True), or "
-            "`dosegym data info PATH --trusted` on the command line."
+            "`--trusted` on the command line (dosegym data info / data convert / predict / score)."
         )
     try:
         with np.load(path, allow_pickle=True) as z:
             obj = z["arr_0"]
             plan = obj.item() if obj.dtype == object and obj.shape == () else obj
-    except (OSError, ValueError, EOFError, ImportError, AttributeError) as exc:
-        raise DataError(f"{path}: cannot unpickle 'arr_0' ({exc})") from exc
+    except Exception as exc:  # noqa: BLE001 - unpickling garbled bytes can raise any exception
+        raise DataError(
+            f"{path}: cannot unpickle 'arr_0' ({type(exc).__name__}: {str(exc)[:200]}); the file is "
+            "damaged or not a GDP-HMM plan"
+        ) from exc
     if not isinstance(plan, dict):
         raise DataError(f"{path}: 'arr_0' must hold a dict of arrays, got {type(plan).__name__}")
     return plan

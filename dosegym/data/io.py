@@ -58,6 +58,14 @@ def detect_format(path: str | Path) -> str:
             return "nifti"
         if any(c.suffix.lower() == ".dcm" for c in p.iterdir()) or _has_dicom(p):
             return "dicom"
+        openkbp = sorted(names & _OPENKBP_FILES)
+        if openkbp:
+            missing = sorted({"voxel_dimensions.csv", "possible_dose_mask.csv"} - names)
+            raise DataError(
+                f"{p}: looks like an OpenKBP patient folder (it has {', '.join(openkbp[:4])}) but lacks "
+                f"{' and '.join(missing)}; an OpenKBP folder needs voxel_dimensions.csv and "
+                "possible_dose_mask.csv"
+            )
         raise DataError(
             f"{p}: folder of no known format; expected an OpenKBP patient folder, a NIfTI case "
             "folder (case.json + ct/dose/structures) or a folder of DICOM RT files"
@@ -78,6 +86,10 @@ def detect_format(path: str | Path) -> str:
     if p.suffix.lower() == ".dcm" or _is_dicom_file(p):
         return "dicom"
     raise DataError(f"{p}: unknown file type; supported: {sorted(_FORMATS)}")
+
+
+#: Files of an OpenKBP patient folder (besides its structure CSVs).
+_OPENKBP_FILES = {"voxel_dimensions.csv", "possible_dose_mask.csv", "ct.csv", "dose.csv"}
 
 
 def _is_dicom_file(p: Path) -> bool:

@@ -32,20 +32,26 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
+import struct
+import zlib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
 
-from dosegym.data.atomic import atomic_path
+from dosegym.data.atomic import atomic_folder, atomic_path, check_output_path, json_text
 from dosegym.data.case import Beams, Case, Prescription
+from dosegym.data.dose import check_dose_gy
 from dosegym.data.grid import Grid
 from dosegym.errors import DataError
 
 FORMAT_NAME = "dosegym-nifti"
 FORMAT_VERSION = 1
+CASE_WRITER = "dosegym case folder"  # the writer name in the output marker (see dosegym.data.atomic)
 IMAGE_EXTENSIONS = (".nii.gz", ".mha", ".nrrd")
 VOLUMES = ("ct", "dose", "body")
 #: Largest disagreement (mm, and unitless for direction cosines) between images' geometry.
@@ -78,26 +84,223 @@ def write_image(array: np.ndarray, grid: Grid, path: str | Path) -> Path:
         suffix = ".nii.gz" if path.name.lower().endswith(".nii.gz") else path.suffix
         target = tmp.with_name(tmp.name + suffix)
         try:
-            sitk.WriteImage(_to_image(arr, grid), str(target), True)
+            _sitk_write(_to_image(arr, grid), target, path)
             target.rename(tmp)
         finally:
             target.unlink(missing_ok=True)
     return path
 
 
-def read_image_on_grid(path: str | Path, grid: Grid) -> tuple[np.ndarray, bool]:
-    """A ``float32`` ``(z, y, x)`` volume from a NIfTI/MHA/NRRD image, on ``grid``; resampled
-    linearly (0 outside the image) when the image's geometry differs. Returns the array and
-    whether it was resampled."""
+def _sitk_write(image: sitk.Image, file: Path, dest: Path) -> None:
+    """``sitk.WriteImage`` (compressed); a failure (full disk, no permission) is a DataError on ``dest``."""
+    try:
+        sitk.WriteImage(image, str(file), True)
+    except RuntimeError as exc:
+        reason = str(exc).strip().splitlines()[-1][-200:]
+        raise DataError(f"{dest}: could not be written ({reason}); nothing was written there") from exc
+
+
+#: Default share of each structure an external image must cover after resampling (see
+#: :func:`read_image_on_grid`): all targets, most of the body (a dose grid may stop short of
+#: a long scan).
+COVER_TARGET, COVER_BODY = 0.99, 0.5
+#: NIfTI datatype code -> numpy dtype (without byte order) of the scalar types read here.
+_NIFTI_DTYPES = {
+    2: "u1",
+    4: "i2",
+    8: "i4",
+    16: "f4",
+    64: "f8",
+    256: "i1",
+    512: "u2",
+    768: "u4",
+    1024: "i8",
+    1280: "u8",
+}
+
+
+def _nifti_bytes(path: Path) -> tuple[bytes, bool]:
+    """The bytes of a ``.nii`` file, or of a ``.nii.gz`` decompressed (CRC checked), and
+    whether the gzip stream was complete."""
+    data = path.read_bytes()
+    if not path.name.lower().endswith(".gz"):
+        return data, True
+    parts = []
+    while True:
+        inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        try:
+            parts.append(inflate.decompress(data))
+        except zlib.error as exc:
+            raise DataError(f"{path}: damaged gzip data ({exc}); the file is corrupt") from exc
+        if not inflate.eof:
+            return b"".join(parts), False
+        data = inflate.unused_data
+        if data[:2] != b"\x1f\x8b":  # no further gzip member
+            return b"".join(parts), True
+
+
+def read_nifti_voxels(path: str | Path) -> tuple[np.ndarray, float, float] | None:
+    """The voxel block of a ``.nii`` / ``.nii.gz`` file read with numpy: a flat array in the
+    file's dtype (x fastest, i.e. C order (z, y, x)) and the header's ``scl_slope`` and
+    ``scl_inter``; ``None`` for a datatype other than the scalar ones of ``_NIFTI_DTYPES``
+    (its size is still checked).
+
+    ITK's NIfTI reader fills a short voxel block with zeros, reads a gzip stream with
+    damaged bytes without complaint and turns NaN and inf voxels into 0; this raises
+    ``DataError`` for a short block (naming the expected vs found byte counts) or damaged
+    gzip data. Non-finite values are the caller's to check.
+    """
+    path = Path(path)
+    raw, complete = _nifti_bytes(path)
+    if len(raw) < 348:
+        raise DataError(f"{path}: {len(raw)} bytes; a NIfTI header alone is 348 bytes")
+    end = next((e for e in "<>" if struct.unpack(e + "i", raw[:4])[0] in (348, 540)), None)
+    if end is None:
+        raise DataError(f"{path}: not a NIfTI file (its first 4 bytes are not the header size 348 or 540)")
+    if struct.unpack(end + "i", raw[:4])[0] == 348:
+        dim = struct.unpack(end + "8h", raw[40:56])
+        datatype, bitpix = struct.unpack(end + "hh", raw[70:74])
+        offset = int(struct.unpack(end + "f", raw[108:112])[0])
+        slope, inter = struct.unpack(end + "ff", raw[112:120])
+        size = 348
+    else:
+        datatype, bitpix = struct.unpack(end + "hh", raw[12:16])
+        dim = struct.unpack(end + "8q", raw[16:80])
+        offset = struct.unpack(end + "q", raw[168:176])[0]
+        slope, inter = struct.unpack(end + "dd", raw[176:192])
+        size = 540
+    shape = tuple(int(d) for d in dim[1 : 1 + max(0, min(int(dim[0]), 7))])
+    if not shape or min(shape) < 0 or bitpix <= 0 or bitpix % 8 or offset < size:
+        raise DataError(
+            f"{path}: NIfTI header is damaged (dim {shape}, bitpix {bitpix}, vox_offset {offset})"
+        )
+    expected = math.prod(shape) * (bitpix // 8)
+    found = max(0, len(raw) - offset)
+    if found < expected or not complete:
+        raise DataError(
+            f"{path}: truncated: the header declares {shape} (x, y, ...) voxels of {bitpix // 8} bytes = "
+            f"{expected} bytes of voxel data, the file holds {min(found, expected)}"
+            + ("" if complete else " before its gzip stream breaks off")
+        )
+    kind = _NIFTI_DTYPES.get(datatype)
+    if kind is None or np.dtype(kind).itemsize * 8 != bitpix:
+        return None
+    return np.frombuffer(raw, dtype=end + kind, count=math.prod(shape), offset=offset), slope, inter
+
+
+def _inflated_size(path: Path) -> int | None:
+    """Decompressed size (bytes) of the voxel data of a compressed ``.mha`` / ``.nrrd`` file
+    with its data inside, checksum verified; ``None`` when the data is not compressed
+    there. ITK's readers accept damaged compressed bytes (printing "Uncompress failed")."""
+    data = path.read_bytes()
+    if path.name.lower().endswith(".mha"):
+        head, sep, body = data.partition(b"ElementDataFile")
+        line, _, body = body.partition(b"\n")
+        if not sep or b"CompressedData = True" not in head or line.split(b"=")[-1].strip() != b"LOCAL":
+            return None
+        wbits = zlib.MAX_WBITS
+    else:
+        head, sep, body = data.partition(b"\n\n")
+        enc = re.search(rb"^encoding:\s*(\w+)", head, re.MULTILINE)
+        if not sep or not enc or enc.group(1) not in (b"gzip", b"gz") or b"\ndata file:" in head:
+            return None
+        wbits = 16 + zlib.MAX_WBITS
+    inflate = zlib.decompressobj(wbits)
+    try:
+        size = len(inflate.decompress(body))
+    except zlib.error as exc:
+        raise DataError(f"{path}: damaged compressed voxel data ({exc}); the file is corrupt") from exc
+    if not inflate.eof:
+        raise DataError(
+            f"{path}: truncated or damaged: its compressed voxel data ends early ({size} bytes inflated)"
+        )
+    return size
+
+
+def _first_bad(arr: np.ndarray, path: Path) -> None:
+    bad = ~np.isfinite(arr)
+    if bad.any():
+        first = tuple(int(i) for i in np.unravel_index(int(np.flatnonzero(bad)[0]), arr.shape))
+        raise DataError(
+            f"{path}: {int(bad.sum())} voxels are NaN or infinite, the first at index (z, y, x) {first}; "
+            "every voxel must be a finite number"
+        )
+
+
+def read_checked_image(path: str | Path, what: str = "image") -> tuple[sitk.Image, np.ndarray]:
+    """An image file as a SimpleITK image and its voxels ``(z, y, x)`` (the image's own
+    dtype), checked by us: a truncated or damaged file and NaN/inf voxels are ``DataError``.
+
+    NIfTI voxels are read with numpy (:func:`read_nifti_voxels`; scaled by ``scl_slope`` and
+    ``scl_inter`` as ITK does), the geometry by SimpleITK; other formats by SimpleITK, whose
+    MetaImage and NRRD readers refuse short files and keep NaN; their compressed data is
+    inflated once more here to verify its checksum and size.
+    """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such image file")
+    name = path.name.lower()
+    nifti = read_nifti_voxels(path) if name.endswith((".nii", ".nii.gz")) else None
+    inflated = _inflated_size(path) if name.endswith((".mha", ".nrrd")) else None
     try:
-        img = sitk.ReadImage(str(path), sitk.sitkFloat32)
+        if nifti is None:
+            img = sitk.ReadImage(str(path))
+            arr = sitk.GetArrayFromImage(img)
+        else:
+            reader = sitk.ImageFileReader()
+            reader.SetFileName(str(path))
+            reader.ReadImageInformation()
+            img = None
     except RuntimeError as exc:
-        raise DataError(f"{path}: SimpleITK cannot read it ({str(exc).strip()[:200]})") from exc
+        raise DataError(f"{path}: not a readable {what} ({str(exc).strip()[:200]})") from exc
+    if img is None:
+        flat, slope, inter = nifti  # type: ignore[misc]
+        size = reader.GetSize()
+        if reader.GetNumberOfComponents() != 1 or math.prod(size) != flat.size:
+            raise DataError(
+                f"{path}: a {what} of scalar voxels is needed, got size {size} x "
+                f"{reader.GetNumberOfComponents()} components"
+            )
+        arr = flat.reshape(size[::-1])
+        out = sitk.GetArrayViewFromImage(sitk.Image([1] * len(size), reader.GetPixelID())).dtype
+        if np.isfinite(slope) and slope != 0 and (slope, inter) != (1, 0):
+            arr = arr.astype(np.float64) * slope + inter
+        arr = np.ascontiguousarray(arr.astype(out, copy=False))
+        img = sitk.GetImageFromArray(arr)
+        img.SetSpacing(reader.GetSpacing())
+        img.SetOrigin(reader.GetOrigin())
+        img.SetDirection(reader.GetDirection())
+    if inflated is not None and inflated != arr.nbytes:
+        raise DataError(f"{path}: its voxels need {arr.nbytes} bytes, its compressed data holds {inflated}")
+    if arr.dtype.kind in "fc":
+        _first_bad(arr, path)
+    return img, arr
+
+
+def read_image_on_grid(
+    path: str | Path,
+    grid: Grid,
+    *,
+    dose: bool = False,
+    cover: Sequence[tuple[str, np.ndarray, float]] = (),
+) -> tuple[np.ndarray, bool]:
+    """A ``float32`` ``(z, y, x)`` volume from a NIfTI/MHA/NRRD image, on ``grid``; resampled
+    linearly (0 outside the image) when the image's geometry differs. Returns the array and
+    whether it was resampled.
+
+    The file is read by :func:`read_checked_image` (truncation, NaN/inf refused). ``dose``:
+    the file's own voxels must follow the dose rule (:func:`~dosegym.data.dose.check_dose_gy`:
+    floating, finite, >= 0; the maximum is the caller's to check). ``cover``: ``(name, mask on
+    grid, minimum share)`` triples; when the image is resampled, each mask must lie within
+    the image's non-zero region by at least that share, else ``DataError`` saying the shares
+    and where the image and the masks lie (mm).
+    """
+    path = Path(path)
+    img, arr = read_checked_image(path)
     if img.GetDimension() != 3:
         raise DataError(f"{path}: a 3-D image is needed, got {img.GetDimension()}-D")
+    if dose:
+        check_dose_gy(arr, where=str(path), allow_high=True)
     ref = _to_image(np.zeros(grid.shape, np.float32), grid)
     same = (
         img.GetSize() == ref.GetSize()
@@ -105,9 +308,54 @@ def read_image_on_grid(path: str | Path, grid: Grid) -> tuple[np.ndarray, bool]:
         and np.allclose(img.GetOrigin(), ref.GetOrigin(), atol=1e-3)
         and np.allclose(img.GetDirection(), ref.GetDirection(), atol=1e-4)
     )
-    if not same:
-        img = sitk.Resample(img, ref, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
-    return sitk.GetArrayFromImage(img).astype(np.float32), not same
+    if same:
+        return arr.astype(np.float32), False
+    if cover:
+        _check_cover(path, _grid_of(img), arr, grid, cover)
+    img = sitk.Resample(sitk.Cast(img, sitk.sitkFloat32), ref, sitk.Transform(), sitk.sitkLinear, 0.0)
+    return sitk.GetArrayFromImage(img).astype(np.float32), True
+
+
+def _box_mm(grid: Grid, lo, hi) -> np.ndarray:
+    """``(2, 3)`` min and max (z, y, x) mm of the voxel-index box ``lo..hi`` on ``grid``."""
+    corners = np.array([[(lo, hi)[b >> k & 1][k] for k in range(3)] for b in range(8)], dtype=float)
+    mm = grid.index_to_mm(corners)
+    return np.stack([mm.min(axis=0), mm.max(axis=0)])
+
+
+def _fmt_box(box: np.ndarray) -> str:
+    return ", ".join(f"{a} [{box[0, k]:.0f}, {box[1, k]:.0f}]" for k, a in enumerate("zyx")) + " mm"
+
+
+def _check_cover(
+    path: Path, image_grid: Grid, arr: np.ndarray, grid: Grid, cover: Sequence[tuple[str, np.ndarray, float]]
+) -> None:
+    support = np.argwhere(arr != 0)
+    if not len(support):
+        raise DataError(f"{path}: every voxel is 0; the image holds nothing to resample onto the case")
+    lo, hi = support.min(axis=0) - 0.5, support.max(axis=0) + 0.5
+    short, boxes = [], []
+    for name, mask, need in cover:
+        voxels = np.argwhere(mask)
+        if not len(voxels):
+            continue
+        at = image_grid.mm_to_index(grid.index_to_mm(voxels))
+        share = float(np.mean(np.all((at >= lo) & (at <= hi), axis=1)))
+        if share < need:
+            short.append(f"{100 * share:.1f} % of {name} (needs {100 * need:g} %)")
+            boxes.append(f"{name} at {_fmt_box(_box_mm(grid, voxels.min(axis=0), voxels.max(axis=0)))}")
+    if short:
+
+        def rounded(values, digits: int) -> tuple[float, ...]:
+            return tuple(round(float(v), digits) for v in values)
+
+        raise DataError(
+            f"{path}: after resampling onto the case, the image's non-zero voxels cover only "
+            f"{'; '.join(short)}. The image's non-zero region lies at "
+            f"{_fmt_box(_box_mm(image_grid, lo, hi))}; {'; '.join(boxes)}. Check the image's origin "
+            f"{rounded(image_grid.origin_mm, 1)} and spacing {rounded(image_grid.spacing_mm, 3)} mm "
+            f"(z, y, x) against the case's {rounded(grid.origin_mm, 1)} and {rounded(grid.spacing_mm, 3)}"
+        )
 
 
 def _to_image(array: np.ndarray, grid: Grid) -> sitk.Image:
@@ -195,19 +443,12 @@ def _split_meta(meta: dict[str, Any]) -> tuple[dict[str, Any], dict[str, np.ndar
 def write_nifti_folder(case: Case, path: str | Path, ext: str = ".nii.gz") -> Path:
     """Write ``case`` as a NIfTI/MHA/NRRD case folder at ``path`` (atomically) and return it.
 
-    An existing case folder at ``path`` is replaced; any other existing file or non-empty
-    folder is refused rather than deleted.
+    ``path`` may be new, empty or a case folder this writer wrote before: there its earlier
+    files are replaced and files others added are kept; anything else is refused (see
+    :mod:`dosegym.data.atomic`).
     """
     check_image_ext(ext)
-    dest = Path(path)
-    if dest.exists():
-        if not dest.is_dir():
-            raise DataError(f"{dest}: exists and is a file; give a folder path for the case")
-        if any(dest.iterdir()) and not (dest / "case.json").is_file():
-            raise DataError(
-                f"{dest}: exists, is not empty and holds no case.json; refusing to replace it "
-                "(give a new folder or an existing dosegym case folder)"
-            )
+    dest = check_output_path(path, writer=CASE_WRITER)
     names = list(case.structures)
     stems = _file_stems(names)
     meta_json, meta_arrays = _split_meta(case.meta)
@@ -228,14 +469,13 @@ def write_nifti_folder(case: Case, path: str | Path, ext: str = ".nii.gz") -> Pa
         "meta": meta_json,
         "meta_arrays": sorted(meta_arrays),
     }
-    text = json.dumps(doc, indent=2) + "\n"
+    text = json_text(doc)
     grid = case.grid
 
     def put(array: np.ndarray, file: Path, dtype) -> None:
-        sitk.WriteImage(_to_image(np.asarray(array).astype(dtype, copy=False), grid), str(file), True)
+        _sitk_write(_to_image(np.asarray(array).astype(dtype, copy=False), grid), file, dest)
 
-    with atomic_path(dest) as tmp:
-        tmp.mkdir()
+    with atomic_folder(dest, CASE_WRITER) as tmp:
         for v in volumes:
             put(getattr(case, v), tmp / f"{v}{ext}", np.uint8 if v == "body" else np.float32)
         if names:
@@ -294,17 +534,17 @@ def read_nifti_folder(path: str | Path) -> Case:
     if doc.get("grid") is not None:
         try:
             grid = Grid.from_dict(doc["grid"])
-        except (KeyError, TypeError) as exc:
-            raise DataError(f"{cj}: field 'grid' needs shape, spacing_mm, origin_mm ({exc})") from exc
+        except (KeyError, TypeError, ValueError) as exc:  # DataError is a ValueError: named here
+            raise DataError(
+                f"{cj}: field 'grid': {exc}; it needs shape (3 sizes), spacing_mm (3 numbers > 0) "
+                "and origin_mm (3 numbers), each (z, y, x)"
+            ) from exc
 
     def load(file: Path, what: str, dtype) -> np.ndarray:
         nonlocal grid
         if not file.is_file():
             raise DataError(f"{file}: missing; case.json lists {what}")
-        try:
-            img = sitk.ReadImage(str(file))
-        except RuntimeError as exc:
-            raise DataError(f"{file}: not a readable {ext} image ({str(exc).strip()[:200]})") from exc
+        img, arr = read_checked_image(file, f"{ext} image")
         try:
             g = _grid_of(img)
         except DataError as exc:
@@ -315,7 +555,7 @@ def read_nifti_folder(path: str | Path) -> Case:
             bad = _geometry_mismatch(g, grid)
             if bad:
                 raise DataError(f"{file}: {what} geometry does not match the case grid: {bad}")
-        return sitk.GetArrayFromImage(img).astype(dtype, copy=False)
+        return arr.astype(dtype, copy=False)
 
     listed = _field(doc, "volumes", list, cj, None)
     volumes = listed if listed is not None else [v for v in VOLUMES if (folder / f"{v}{ext}").is_file()]
@@ -359,7 +599,7 @@ def read_nifti_folder(path: str | Path) -> Case:
     for i, p in enumerate(_field(doc, "prescriptions", list, cj, [])):
         try:
             prescriptions.append(Prescription(p["target"], p["dose_gy"], p["fractions"]))
-        except (KeyError, TypeError) as exc:
+        except (KeyError, TypeError, ValueError) as exc:
             raise DataError(
                 f"{cj}: prescriptions[{i}] needs target, dose_gy and fractions ({exc!r})"
             ) from exc
@@ -367,7 +607,7 @@ def read_nifti_folder(path: str | Path) -> Case:
     if doc.get("beams") is not None:
         try:
             beams = Beams.from_dict(doc["beams"])
-        except (KeyError, TypeError) as exc:
+        except (KeyError, TypeError, ValueError) as exc:
             raise DataError(f"{cj}: field 'beams' needs isocenter_mm and gantry_deg ({exc!r})") from exc
     meta = dict(_field(doc, "meta", dict, cj, {}))
     for key in _field(doc, "meta_arrays", list, cj, []):

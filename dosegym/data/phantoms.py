@@ -27,11 +27,14 @@ from __future__ import annotations
 
 import importlib.resources
 import importlib.util
+import itertools
 import json
 import math
 import re
 import shutil
 import warnings
+import zipfile
+import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -39,7 +42,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from dosegym.data.atomic import atomic_path
+from dosegym.data.atomic import atomic_folder, atomic_path, json_text
 from dosegym.data.case import Beams, Case, Prescription, equispaced_gantry_deg
 from dosegym.data.grid import Grid
 from dosegym.errors import DataError
@@ -51,6 +54,7 @@ FORMAT_VERSION = 1
 #: Version of the anatomy generator; bump when a seed would give other anatomy.
 GENERATOR_VERSION = 1
 DOSE_MODES = ("auto", "pyradplan", "shipped", "none")
+SET_WRITER = "dosegym phantom set"  # the writer name in the output marker (see dosegym.data.atomic)
 
 HU_AIR = -1000.0
 HU_LUNG = -800.0
@@ -596,7 +600,7 @@ def write_phantom(case: Case, path: str | Path) -> Path:
         "rx_target": np.array([p.target for p in case.prescriptions], dtype=str),
         "rx_dose_gy": np.array([p.dose_gy for p in case.prescriptions], np.float64),
         "rx_fractions": np.array([p.fractions for p in case.prescriptions], np.int32),
-        "meta_json": np.array(json.dumps(case.meta, default=str, sort_keys=True)),
+        "meta_json": np.array(json_text(case.meta, indent=None, default=str, sort_keys=True)),
     }
     if case.ct is not None:
         arrays["ct_hu"] = np.clip(np.round(case.ct), -32768, 32767).astype(np.int16)
@@ -625,6 +629,52 @@ def write_phantom(case: Case, path: str | Path) -> Path:
     return path
 
 
+#: The largest phantom grid read (voxels); a header claiming more is refused before allocating.
+MAX_PHANTOM_VOXELS = 256**3
+_VOLUME_KEYS = ("ct_hu", "dose_u16", "occupancy_u8", "masks_packed", "body_packed")
+_SMALL_BYTES = 1 << 20
+
+
+def _declared(z: Any, key: str) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype of member ``key`` from its npy header, without reading its data."""
+    with z.zip.open(f"{key}.npy") as fh:
+        fmt = np.lib.format
+        read = fmt.read_array_header_1_0 if fmt.read_magic(fh) == (1, 0) else fmt.read_array_header_2_0
+        shape, _, dtype = read(fh)
+    return tuple(shape), dtype
+
+
+def _check_declared_sizes(z: Any, path: Path) -> None:
+    """Every member but the volumes declares at most ``_SMALL_BYTES`` (checked from headers)."""
+    for key in z.files:
+        if key in _VOLUME_KEYS:
+            continue
+        shape, dtype = _declared(z, key)
+        if math.prod(shape) * dtype.itemsize > _SMALL_BYTES:
+            raise DataError(f"{path}: array {key!r} claims shape {shape} of {dtype}; it should be small")
+
+
+def _check_volume_sizes(z: Any, path: Path, grid: Grid, n_structures: int) -> None:
+    """The volumes' declared shapes fit ``grid`` (checked from headers, before any is read)."""
+    n_vox = grid.size
+    expected = {
+        "ct_hu": [grid.shape],
+        "dose_u16": [grid.shape],
+        "masks_packed": [((n_vox * n_structures + 7) // 8,)],
+        "body_packed": [((n_vox + 7) // 8,)],
+        "occupancy_u8": [(k, *grid.shape) for k in range(n_structures + 1)],
+    }
+    for key, valid in expected.items():
+        if key in z.files:
+            shape, _ = _declared(z, key)
+            if shape not in valid:
+                need = valid[0] if len(valid) == 1 else f"(k, *{grid.shape}) with k <= {n_structures}"
+                raise DataError(
+                    f"{path}: array {key!r} claims shape {shape}; the grid {grid.shape} (z, y, x) with "
+                    f"{n_structures} structures needs {need}"
+                )
+
+
 def _require(z: Any, key: str, path: Any) -> np.ndarray:
     if key not in z.files:
         raise DataError(f"{path}: phantom file lacks the array {key!r}; is it a dosegym phantom?")
@@ -650,56 +700,69 @@ def read_phantom(path: str | Path) -> Case:
         raise DataError(f"{p}: no such phantom file") from exc
     except Exception as exc:  # noqa: BLE001 - any failure means unreadable npz
         raise DataError(f"{p}: not a readable .npz file ({exc})") from exc
-    with z:
-        version = int(_require(z, "dosegym_phantom", p))
-        if version > FORMAT_VERSION:
-            raise DataError(
-                f"{p}: phantom format version {version} is newer than this dosegym reads "
-                f"({FORMAT_VERSION}); upgrade dosegym"
+    try:
+        with z:
+            _check_declared_sizes(z, p)
+            version = int(_require(z, "dosegym_phantom", p))
+            if version > FORMAT_VERSION:
+                raise DataError(
+                    f"{p}: phantom format version {version} is newer than this dosegym reads "
+                    f"({FORMAT_VERSION}); upgrade dosegym"
+                )
+            grid = Grid(
+                tuple(int(v) for v in _require(z, "grid_shape", p)),
+                tuple(_require(z, "spacing_mm", p)),
+                tuple(_require(z, "origin_mm", p)),
+                tuple(map(tuple, _require(z, "direction", p))),
             )
-        grid = Grid(
-            tuple(int(v) for v in _require(z, "grid_shape", p)),
-            tuple(_require(z, "spacing_mm", p)),
-            tuple(_require(z, "origin_mm", p)),
-            tuple(map(tuple, _require(z, "direction", p))),
-        )
-        n_vox = grid.size
-        names = [str(n) for n in _require(z, "structure_names", p)]
-        packed = _require(z, "masks_packed", p)
-        if packed.size * 8 < n_vox * len(names):
-            raise DataError(f"{p}: masks_packed holds too few bits for {len(names)} masks")
-        bits = np.unpackbits(packed, count=n_vox * len(names)).astype(bool)
-        structures = {n: m.reshape(grid.shape) for n, m in zip(names, bits.reshape(-1, n_vox))}
-        body = None
-        if "body_packed" in z.files:
-            body = np.unpackbits(z["body_packed"], count=n_vox).astype(bool).reshape(grid.shape)
-        ct = z["ct_hu"].astype(np.float32) if "ct_hu" in z.files else None
-        dose = None
-        if "dose_u16" in z.files:
-            step = float(_require(z, "dose_step_gy", p))
-            dose = (z["dose_u16"].astype(np.float64) * step).astype(np.float32)
-        occupancy = {}
-        if "occupancy_u8" in z.files:
-            onames = [str(n) for n in _require(z, "occupancy_names", p)]
-            occupancy = {n: (o.astype(np.float32) / 255.0) for n, o in zip(onames, z["occupancy_u8"])}
-        prescriptions = [
-            Prescription(str(t), float(d), int(f))
-            for t, d, f in zip(
-                _require(z, "rx_target", p),
-                _require(z, "rx_dose_gy", p),
-                _require(z, "rx_fractions", p),
-            )
-        ]
-        beams = None
-        if "beam_gantry_deg" in z.files:
-            beams = Beams(
-                tuple(_require(z, "beam_isocenter_mm", p)),
-                tuple(z["beam_gantry_deg"]),
-                str(_require(z, "beam_technique", p)),
-                tuple(z["beam_couch_deg"]) if "beam_couch_deg" in z.files else None,
-            )
-        meta = json.loads(str(z["meta_json"])) if "meta_json" in z.files else {}
-        case_id = str(_require(z, "case_id", p))
+            n_vox = grid.size
+            if n_vox > MAX_PHANTOM_VOXELS:
+                raise DataError(
+                    f"grid_shape {grid.shape} has {n_vox} voxels; a phantom has at most {MAX_PHANTOM_VOXELS}"
+                )
+            names = [str(n) for n in _require(z, "structure_names", p)]
+            _check_volume_sizes(z, p, grid, len(names))
+            packed = _require(z, "masks_packed", p)
+            if packed.size * 8 < n_vox * len(names):
+                raise DataError(f"{p}: masks_packed holds too few bits for {len(names)} masks")
+            bits = np.unpackbits(packed, count=n_vox * len(names)).astype(bool)
+            structures = {n: m.reshape(grid.shape) for n, m in zip(names, bits.reshape(-1, n_vox))}
+            body = None
+            if "body_packed" in z.files:
+                body = np.unpackbits(z["body_packed"], count=n_vox).astype(bool).reshape(grid.shape)
+            ct = z["ct_hu"].astype(np.float32) if "ct_hu" in z.files else None
+            dose = None
+            if "dose_u16" in z.files:
+                step = float(_require(z, "dose_step_gy", p))
+                dose = (z["dose_u16"].astype(np.float64) * step).astype(np.float32)
+            occupancy = {}
+            if "occupancy_u8" in z.files:
+                onames = [str(n) for n in _require(z, "occupancy_names", p)]
+                occupancy = {n: (o.astype(np.float32) / 255.0) for n, o in zip(onames, z["occupancy_u8"])}
+            prescriptions = [
+                Prescription(str(t), float(d), int(f))
+                for t, d, f in zip(
+                    _require(z, "rx_target", p),
+                    _require(z, "rx_dose_gy", p),
+                    _require(z, "rx_fractions", p),
+                )
+            ]
+            beams = None
+            if "beam_gantry_deg" in z.files:
+                beams = Beams(
+                    tuple(_require(z, "beam_isocenter_mm", p)),
+                    tuple(z["beam_gantry_deg"]),
+                    str(_require(z, "beam_technique", p)),
+                    tuple(z["beam_couch_deg"]) if "beam_couch_deg" in z.files else None,
+                )
+            meta = json.loads(str(z["meta_json"])) if "meta_json" in z.files else {}
+            case_id = str(_require(z, "case_id", p))
+    except DataError as exc:
+        if str(exc).startswith(str(p)):
+            raise
+        raise DataError(f"{p}: {exc}") from exc
+    except (ValueError, TypeError, KeyError, OSError, zipfile.BadZipFile, zlib.error) as exc:
+        raise DataError(f"{p}: damaged phantom file ({type(exc).__name__}: {str(exc)[:200]})") from exc
     meta["source"] = str(p)
     meta["format"] = "phantom"
     return Case(
@@ -801,6 +864,9 @@ def generate_phantom_set(
 ) -> list[Path]:
     """Write ``n`` phantoms per site to ``out/<site>_<index:03d>.npz``; return the paths.
 
+    The set is one folder output (see :mod:`dosegym.data.atomic`): ``out`` may be new, empty
+    or a set written here before, whose files it replaces (files others added are kept).
+
     ``dose``: ``"pyradplan"`` computes reference doses (needs the ``physics`` extra);
     ``"shipped"`` copies the shipped files (the set was made with the manifest's seed, so only
     that seed and its indices exist); ``"none"`` writes anatomy only; ``"auto"`` uses
@@ -813,13 +879,14 @@ def generate_phantom_set(
         _check_site(site)
     if n < 1:
         raise DataError(f"n must be >= 1 phantoms per site, got {n}")
+    if not 0 <= seed < 2**64:
+        raise DataError(f"seed must be an integer in [0, 2**64), got {seed}")
     if dose == "pyradplan" and not _pyradplan_available():
         raise DataError(
             "dose='pyradplan' needs pyradplan: pip install 'dosegym[physics]' "
             "(or use dose='shipped' / 'none')"
         )
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     shipped_seed = None
     if dose in ("shipped", "auto"):
         try:
@@ -828,16 +895,15 @@ def generate_phantom_set(
             shipped_seed = None
     paths = []
     missing_dose = []
-    for site in sites:
-        for index in range(n):
-            dest = out / f"{site}_{index:03d}.npz"
+    with atomic_folder(out, SET_WRITER) as tmp:
+        for site, index in itertools.product(sites, range(n)):
+            name = f"{site}_{index:03d}.npz"
             shipped = _shipped_file(site, index)
             has_shipped = shipped_seed == seed and shipped.is_file()
             if dose == "shipped" or (dose == "auto" and not _pyradplan_available()):
                 if has_shipped:
-                    with atomic_path(dest) as tmp:
-                        shutil.copyfile(shipped, tmp)
-                    paths.append(dest)
+                    shutil.copyfile(shipped, tmp / name)
+                    paths.append(out / name)
                     continue
                 if dose == "shipped":
                     raise DataError(
@@ -849,8 +915,8 @@ def generate_phantom_set(
                 mode = "none"
             else:
                 mode = "pyradplan" if dose in ("pyradplan", "auto") else "none"
-            write_phantom(make_phantom(site, index, seed, dose=mode), dest)
-            paths.append(dest)
+            write_phantom(make_phantom(site, index, seed, dose=mode), tmp / name)
+            paths.append(out / name)
     if missing_dose:
         warnings.warn(
             f"no reference dose for {len(missing_dose)} phantom(s) "

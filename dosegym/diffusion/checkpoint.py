@@ -1,6 +1,7 @@
 """Checkpoints: a folder with safetensors weights and a JSON config with a format version.
 
-Layout (written atomically: a temporary folder renamed into place)::
+Layout (a folder output, see :mod:`dosegym.data.atomic`: written to a temporary folder and
+moved into place; a later save replaces only the files an earlier one wrote)::
 
     DIR/config.json          {"format": "dosegym-any2any", "format_version": 1,
                               "model": ModelConfig, "step": N, "dosegym_version": ...}
@@ -20,10 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from dosegym import __version__
-from dosegym.data.atomic import atomic_path
+from dosegym.data.atomic import atomic_folder, json_text
 from dosegym.diffusion.config import ModelConfig, parse_config
 from dosegym.errors import ModelError
 
@@ -31,6 +33,7 @@ FORMAT_NAME = "dosegym-any2any"
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+WRITER = "dosegym checkpoint"  # the writer name in the output marker (see dosegym.data.atomic)
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -65,8 +68,7 @@ def save_checkpoint(
     ``config_yaml`` (text) written under ``train/``.
     """
     dest = Path(path)
-    with atomic_path(dest) as tmp:
-        tmp.mkdir(parents=True)
+    with atomic_folder(dest, WRITER) as tmp:
         doc = {
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,
@@ -74,7 +76,7 @@ def save_checkpoint(
             "step": int(step),
             "model": config.model_dump(mode="json"),
         }
-        (tmp / CONFIG_FILE).write_text(json.dumps(doc, indent=2) + "\n")
+        (tmp / CONFIG_FILE).write_text(json_text(doc))
         save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / WEIGHTS_FILE))
         if train_files:
             (tmp / "train").mkdir()
@@ -98,6 +100,10 @@ def read_checkpoint_config(path: str | Path) -> tuple[ModelConfig, dict[str, Any
         doc = json.loads(cfg_path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise ModelError(f"{cfg_path}: unreadable checkpoint config ({exc})") from exc
+    except UnicodeDecodeError as exc:
+        raise ModelError(f"{cfg_path}: checkpoint config is not UTF-8 JSON ({exc.reason})") from exc
+    if not isinstance(doc, dict):
+        raise ModelError(f"{cfg_path}: checkpoint config must be a JSON object, got {type(doc).__name__}")
     if doc.get("format") != FORMAT_NAME:
         raise ModelError(f"{cfg_path}: format {doc.get('format')!r}, expected {FORMAT_NAME!r}")
     if doc.get("format_version") != FORMAT_VERSION:
@@ -114,8 +120,11 @@ def load_weights(model: torch.nn.Module, file: str | Path) -> None:
     where = str(file)
     try:
         state = load_file(str(file))
-    except (OSError, RuntimeError, ValueError) as exc:
-        raise ModelError(f"{where}: cannot read weights ({exc})") from exc
+    except (OSError, RuntimeError, ValueError, SafetensorError) as exc:
+        raise ModelError(
+            f"{where}: cannot read weights ({exc}); the file is damaged or not a safetensors file: "
+            "copy the checkpoint again or retrain it"
+        ) from exc
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -136,6 +145,31 @@ def load_weights(model: torch.nn.Module, file: str | Path) -> None:
     model.load_state_dict(state)
 
 
+def _devices_here() -> list[str]:
+    here = ["cpu"]
+    if torch.cuda.is_available():
+        here += ["cuda"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    if torch.backends.mps.is_available():
+        here.append("mps")
+    return here
+
+
+def resolve_device(device: torch.device | str, what: str = "device") -> torch.device:
+    """``device`` as a ``torch.device`` this machine has; else ``ModelError`` naming ``what``
+    (e.g. the CLI option) and the devices valid here."""
+    here = _devices_here()
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ModelError(f"{what} {device!r} is not a torch device; valid here: {', '.join(here)}") from None
+    if dev.type == "cpu" or str(dev) in here:
+        return dev
+    backend = getattr(torch, dev.type, None)  # another accelerator (xpu, ...) torch knows of
+    if dev.type not in ("cuda", "mps") and getattr(backend, "is_available", lambda: False)():
+        return dev
+    raise ModelError(f"{what} {device!r} is not available on this machine; valid here: {', '.join(here)}")
+
+
 def load_model(path: str | Path, device: torch.device | str = "cpu", expected: ModelConfig | None = None):
     """Build the network a checkpoint describes and load its ``model.safetensors``.
 
@@ -150,6 +184,7 @@ def load_model(path: str | Path, device: torch.device | str = "cpu", expected: M
         diff = config_differences(config, expected)
         if diff:
             raise ModelError(f"{folder}: checkpoint does not match the model config: " + "; ".join(diff))
+    dev = resolve_device(device)
     model = Any2Any(config)
     load_weights(model, folder / WEIGHTS_FILE)
-    return model.to(device).eval()
+    return model.to(dev).eval()

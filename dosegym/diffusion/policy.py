@@ -29,9 +29,10 @@ import numpy as np
 import torch
 
 from dosegym.data.case import Case
+from dosegym.data.dose import check_dose_gy
 from dosegym.diffusion.checkpoint import CONFIG_FILE, load_model
 from dosegym.diffusion.model import Any2Any
-from dosegym.diffusion.sample import initial_noise, sample, seeded_generator
+from dosegym.diffusion.sample import check_num_steps, initial_noise, sample, seeded_generator
 from dosegym.diffusion.schedulers import (
     ReverseStepOutput,
     gaussian_log_prob,
@@ -132,9 +133,8 @@ class DosePolicy:
 
     def timesteps(self, num_steps: int) -> torch.Tensor:
         """Set the schedule to ``num_steps`` steps and return its timesteps (descending)."""
-        if int(num_steps) < 1:
-            raise ModelError(f"num_steps must be >= 1, got {num_steps}")
-        self.scheduler.set_timesteps(int(num_steps), device=self.device)
+        num_steps = check_num_steps(num_steps, self.model.config.diffusion)
+        self.scheduler.set_timesteps(num_steps, device=self.device)
         return self.scheduler.timesteps.clone()
 
     # -- the step -------------------------------------------------------------------------
@@ -189,15 +189,19 @@ class DosePolicy:
             )
         if x.ndim != 5 or x.shape[1] != 1:
             raise ModelError(f"decode expects x of shape (B, 1, Z, Y, X), got {tuple(x.shape)}")
+        _check_finite(x, cond, "the model's sample x")
         if to_case is None:
             rx = cond.rx_max_gy.to(x.device).reshape(-1, 1, 1, 1)
-            return x[:, 0].clamp_min(0.0) * rx
+            return _check_finite(x[:, 0].clamp_min(0.0) * rx, cond, "the decoded dose")
         if isinstance(to_case, Case):
-            return make_resampler(to_case, self.spec).decode(x[:, 0])
+            return _check_finite(make_resampler(to_case, self.spec).decode(x[:, 0]), cond, "the decoded dose")
         cases = list(to_case)
         if len(cases) != x.shape[0]:
             raise ModelError(f"decode: {len(cases)} cases for a batch of {x.shape[0]} samples")
-        return [make_resampler(c, self.spec).decode(x[i, 0]) for i, c in enumerate(cases)]
+        return [
+            _check_finite(make_resampler(c, self.spec).decode(x[i, 0]), cond, "the decoded dose")
+            for i, c in enumerate(cases)
+        ]
 
     def reference(self) -> DosePolicy:
         """A frozen copy of the policy with the weights it was loaded with (for KL terms)."""
@@ -231,6 +235,12 @@ class DosePolicy:
         finally:
             self.model.train(was_training)
         dose = self.decode(x0, cond, to_case=case).float().cpu().numpy()
+        dose = check_dose_gy(
+            dose,
+            where=f"predict: the dose predicted for case {case.case_id!r}",
+            prescription_gy=case.max_prescription_gy,
+            error=ModelError,
+        )
         return dose[0] if samples == 1 else dose
 
     def _check_diffusion(self) -> None:
@@ -238,3 +248,16 @@ class DosePolicy:
             raise ModelError(
                 "this checkpoint is a regression model (one forward pass); it has no reverse-diffusion steps"
             )
+
+
+def _check_finite(values: torch.Tensor, cond: ModelInput, what: str) -> torch.Tensor:
+    """``values`` unchanged, or ``ModelError`` naming the cases when any value is NaN or inf."""
+    bad = ~torch.isfinite(values.detach())
+    if bool(bad.any()):
+        cases = ", ".join(repr(c) for c in dict.fromkeys(cond.case_ids)) or "(unnamed input)"
+        raise ModelError(
+            f"decode: {what} for case {cases} has {int(bad.sum())} of {bad.numel()} values NaN or "
+            "infinite: the model's output is not finite (NaN weights in the checkpoint, or a diverged "
+            "chain); no dose is made from it"
+        )
+    return values

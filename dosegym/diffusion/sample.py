@@ -11,19 +11,42 @@ a seed gives the same sample on every run (on one device and torch version).
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
+from dosegym.diffusion.config import DiffusionConfig
 from dosegym.diffusion.model import Any2Any
 from dosegym.diffusion.schedulers import make_scheduler, reverse_step
 from dosegym.diffusion.slots import SLOT_CHANNELS, ModelInput
 from dosegym.errors import ModelError
 
+SEED_MAX = 2**64 - 1  # the largest seed a torch.Generator takes
+
+
+def _integer(x: object) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
 
 def seeded_generator(seed: int) -> torch.Generator:
     """The CPU generator that every seeded sampling path uses (``DosePolicy.predict``, the
-    environments): the same int seed gives the same noise whatever the model's device."""
+    environments): the same int seed gives the same noise whatever the model's device.
+    ``seed`` is an integer in ``[0, SEED_MAX]``, else ``ModelError``."""
+    if not _integer(seed) or not 0 <= seed <= SEED_MAX:
+        raise ModelError(f"seed must be an integer in [0, 2**64 - 1], got {seed!r}")
     return torch.Generator("cpu").manual_seed(int(seed))
+
+
+def check_num_steps(num_steps: int, cfg: DiffusionConfig, what: str = "num_steps") -> int:
+    """``num_steps`` when it is an integer in ``[1, cfg.num_train_timesteps]`` (the range every
+    sampler's schedule allows), else ``ModelError`` naming ``what`` and that range."""
+    top = cfg.num_train_timesteps
+    if not _integer(num_steps) or not 1 <= num_steps <= top:
+        raise ModelError(
+            f"{what} must be an integer in [1, {top}] (the model was trained with {top} timesteps), "
+            f"got {num_steps!r}"
+        )
+    return int(num_steps)
 
 
 def step_noise(
@@ -70,8 +93,7 @@ def sample(
         raise ModelError("sample needs a batched ModelInput (use slots.collate)")
     if model.config.objective == "regression":
         return model(None, torch.zeros(cond.batch_size, device=cond.device), cond)
-    if num_steps < 1:
-        raise ModelError(f"num_steps must be >= 1, got {num_steps}")
+    num_steps = check_num_steps(num_steps, model.config.diffusion)
     scheduler = make_scheduler(sampler, model.config.diffusion)
     scheduler.set_timesteps(num_steps, device=cond.device)
     if x_T is None:

@@ -38,6 +38,7 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import re
 import time
 from collections.abc import Callable
@@ -48,10 +49,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dosegym.data.atomic import atomic_path
+from dosegym.data.atomic import atomic_folder, atomic_path, check_output_path, json_text
 from dosegym.data.case import Case
 from dosegym.diffusion.checkpoint import (
     WEIGHTS_FILE,
+    WRITER,
     config_differences,
     load_weights,
     read_checkpoint_config,
@@ -66,6 +68,7 @@ from dosegym.errors import DosegymError, ModelError
 CACHE_VERSION = 1
 CHECKPOINT_DIR = "checkpoint"
 DATA_RECORD = "data.json"  # the exact training cases of a run (usable as data.cases_file)
+RUN_WRITER = "dosegym pretrain run"  # the writer name in the run folder's output marker
 
 
 # --------------------------------------------------------------------------------------
@@ -259,7 +262,7 @@ def build_cache(cfg: PretrainConfig, sources: list[SourceCase], progress: bool =
                 "rx_max_gy": float(mi.rx_max_gy),
             }
             with atomic_path(meta_path) as tmp:
-                tmp.write_text(json.dumps(meta) + "\n")
+                tmp.write_text(json_text(meta, indent=None))
         slots = {s: (int(o), int(n)) for s, (o, n) in meta["slots"].items()}
         if spec.generate not in slots:
             skipped.append(src.label)
@@ -322,7 +325,11 @@ def pretrain(
     progress: bool = True,
 ) -> TrainResult:
     """Run (or resume) pretraining; checkpoints go to ``out_dir/checkpoint``, TensorBoard logs
-    to ``out_dir/tb``. ``until``: stop after this step (a later ``resume`` continues)."""
+    to ``out_dir/tb``. ``until``: stop after this step (a later ``resume`` continues).
+
+    ``out_dir`` must be new, empty or a run folder this function wrote (see
+    :mod:`dosegym.data.atomic`); that is checked before any work.
+    """
     from accelerate import Accelerator, DistributedDataParallelKwargs
     from torch.utils.tensorboard import SummaryWriter
     from tqdm.auto import tqdm
@@ -330,6 +337,7 @@ def pretrain(
     out = Path(out_dir)
     ckpt_dir = out / CHECKPOINT_DIR
     tc, spec = cfg.train, cfg.model.spec
+    check_output_path(out, writer=RUN_WRITER)
     if resume and not (ckpt_dir / "train" / "state.pt").is_file():
         raise ModelError(f"--resume: no training checkpoint to resume in {ckpt_dir}")
     if not resume and ckpt_dir.exists():
@@ -338,6 +346,7 @@ def pretrain(
         raise ModelError(f"until must be >= 1, got {until}")
 
     if resume:
+        check_output_path(ckpt_dir, writer=WRITER)
         found, doc = read_checkpoint_config(ckpt_dir)
         expected = cfg.model
         if expected.backbone == "wan" and expected.wan is not None and expected.wan.pretrained_dir:
@@ -360,7 +369,11 @@ def pretrain(
     if resume:
         model = Any2Any(found)
         load_weights(model, ckpt_dir / "train" / "raw.safetensors")
-        state = torch.load(ckpt_dir / "train" / "state.pt", map_location="cpu", weights_only=True)
+        state_file = ckpt_dir / "train" / "state.pt"
+        try:
+            state = torch.load(state_file, map_location="cpu", weights_only=True)
+        except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as exc:
+            raise ModelError(f"{state_file}: cannot read the training state ({exc}); it is damaged") from exc
         start = int(doc["step"])
     else:
         with torch.random.fork_rng(devices=[]):  # seeded init without touching global state
@@ -385,14 +398,12 @@ def pretrain(
     n_slots = len(spec.slots)
     cond_slots = torch.tensor([s != gen_slot for s in spec.slots])
     objective = model_config.objective
-    writer = SummaryWriter(str(out / "tb")) if main else None
     if main:
-        out.mkdir(parents=True, exist_ok=True)
-        with atomic_path(out / "config.yaml") as tmp:
-            tmp.write_text(cfg.to_yaml())
-        with atomic_path(out / DATA_RECORD) as tmp:
+        with atomic_folder(out, RUN_WRITER) as tmp:
+            (tmp / "config.yaml").write_text(cfg.to_yaml())
             record = {"count": len(cases), "cases": [c.label for c in cases]}
-            tmp.write_text(json.dumps(record, indent=1) + "\n")
+            (tmp / DATA_RECORD).write_text(json_text(record, indent=1))
+    writer = SummaryWriter(str(out / "tb")) if main else None
     stop = min(tc.steps, until) if until is not None else tc.steps
 
     def save(step: int) -> None:

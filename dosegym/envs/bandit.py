@@ -11,7 +11,7 @@ import torch
 from gymnasium import spaces
 
 from dosegym.diffusion.policy import DosePolicy
-from dosegym.envs.base import CaseData, DoseEnvBase
+from dosegym.envs.base import CaseData, DoseEnvBase, check_seed, reject_unknown_kwargs
 from dosegym.envs.reward import RewardConfig
 from dosegym.errors import EnvError
 from dosegym.scorecards.scorecard import Scorecard
@@ -55,12 +55,18 @@ class ScorecardBanditEnv(DoseEnvBase):
 
     Terminates after the one step.
 
+    ## Info
+
+    At reset: ``case_id``, ``case_key``, ``scorecard``, ``score_matched_fraction`` (as
+    DenoiseDose) and ``rx_gy``; after the step: the last-step keys of DenoiseDose and ``rx_gy``.
+
     ## Arguments
 
     As DenoiseDose (``policy``, ``cases``, ``scorecard``, ``steps`` (of the pretrained samples
     behind the baseline and the anchor), ``reward``, ``device``, ``obs_backend``,
-    ``render_mode``, ``case_cache``), plus ``max_dose`` (upper action bound in units of the
-    highest Rx, default 2.0) and ``temperature_gy`` (of :meth:`soft_score`, default 1 Gy).
+    ``render_mode``, ``case_cache``, ``allow_card_mismatch``, ``rescale_card``), plus
+    ``max_dose`` (upper action bound in units of the highest Rx, default 2.0) and
+    ``temperature_gy`` (of :meth:`soft_score`, default 1 Gy).
     """
 
     def __init__(
@@ -76,7 +82,11 @@ class ScorecardBanditEnv(DoseEnvBase):
         max_dose: float = 2.0,
         temperature_gy: float = 1.0,
         case_cache: int = 16,
+        allow_card_mismatch: bool = False,
+        rescale_card: bool = False,
+        **unknown: Any,
     ) -> None:
+        reject_unknown_kwargs(type(self), unknown)
         super().__init__(
             policy,
             cases,
@@ -87,6 +97,8 @@ class ScorecardBanditEnv(DoseEnvBase):
             obs_backend,
             render_mode,
             case_cache=case_cache,
+            allow_card_mismatch=allow_card_mismatch,
+            rescale_card=rescale_card,
         )
         if not (math.isfinite(max_dose) and max_dose > 0):
             raise EnvError(f"max_dose must be a finite number > 0 (x highest Rx), got {max_dose!r}")
@@ -103,10 +115,16 @@ class ScorecardBanditEnv(DoseEnvBase):
     def reset(
         self, *, seed: int | None = None, options: dict[str, Any] | None = None
     ) -> tuple[dict[str, Any], dict[str, Any]]:
-        super().reset(seed=seed)
+        super().reset(seed=check_seed(seed))
         cd = self._choose_case(self.np_random, options)
         self._cd, self._dose, self._done, self._last_report = cd, None, False, None
-        info = {"case_id": cd.case.case_id, "case_key": cd.key, "scorecard": cd.card.name, "rx_gy": cd.rx_gy}
+        info = {
+            "case_id": cd.case.case_id,
+            "case_key": cd.key,
+            "scorecard": cd.card.name,
+            "score_matched_fraction": cd.fit.matched_fraction,
+            "rx_gy": cd.rx_gy,
+        }
         return self.cond_obs(cd), info
 
     def step(self, action: Any) -> tuple[dict[str, Any], float, bool, bool, dict[str, Any]]:

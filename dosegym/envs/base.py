@@ -11,7 +11,10 @@ step's noise are drawn in the order :func:`dosegym.diffusion.sample.sample` draw
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import math
+import numbers
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -40,7 +43,8 @@ from dosegym.diffusion.slots import (
 )
 from dosegym.envs.reward import RewardConfig, compose, masked_mae_gy, score_term
 from dosegym.envs.sources import CaseSource
-from dosegym.errors import DosegymError, EnvError
+from dosegym.errors import DosegymError, EnvError, ModelError
+from dosegym.scorecards.fit import CardFit, card_fit
 from dosegym.scorecards.report import ScoreReport
 from dosegym.scorecards.scorecard import BoundScorecard, Scorecard, available_cards, load_card
 from dosegym.scorecards.soft import soft_metric_torch, soft_piecewise_linear
@@ -59,6 +63,43 @@ DEFAULT_CARDS: dict[tuple[str, bool], str] = {
 }
 _SITE_ALIASES = {"headandneck": "headneck", "hn": "headneck", "headneck": "headneck"}
 _SEED_HIGH = 2**63 - 1
+
+
+# --------------------------------------------------------------------------------------
+# Argument checks
+# --------------------------------------------------------------------------------------
+def reject_unknown_kwargs(
+    cls: type, unknown: dict[str, Any], extra: Sequence[str] = (), name: str | None = None
+) -> None:
+    """``EnvError`` naming the keywords in ``unknown`` (those ``cls.__init__`` does not take),
+    the valid name closest to the first and every valid one (``extra``: names taken besides;
+    ``name``: the class named in the message, default ``cls``)."""
+    if not unknown:
+        return
+    params = inspect.signature(cls.__init__).parameters.values()
+    valid = [*extra, *(p.name for p in params if p.name != "self" and p.kind is p.POSITIONAL_OR_KEYWORD)]
+    bad = sorted(unknown)
+    close = difflib.get_close_matches(bad[0], valid, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise EnvError(
+        f"{name or cls.__name__}: unknown keyword argument(s) {bad}{hint}; valid keywords: {valid}"
+    )
+
+
+def count_arg(name: str, value: Any, minimum: int = 1) -> int:
+    """``value`` as an ``int`` when it is an integer >= ``minimum``, else ``EnvError``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise EnvError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def check_seed(seed: Any) -> int | None:
+    """A reset seed: None or an integer >= 0 (``EnvError`` otherwise)."""
+    if seed is None:
+        return None
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+        raise EnvError(f"reset(seed={seed!r}): a seed must be None or an integer >= 0")
+    return int(seed)
 
 
 # --------------------------------------------------------------------------------------
@@ -106,10 +147,14 @@ def default_card_name(site: Any, is_phantom: bool) -> str:
 
 class CardChooser:
     """The scorecard of each case: the one given at make time (name, file or ``Scorecard``),
-    else the built-in default of the case's site (:data:`DEFAULT_CARDS`)."""
+    else the built-in default of the case's site (:data:`DEFAULT_CARDS`); with ``rescale``,
+    rescaled to the case's highest prescription (:meth:`Scorecard.rescaled`) when the card
+    has a prescription that differs from it."""
 
-    def __init__(self, scorecard: str | Path | Scorecard | None) -> None:
+    def __init__(self, scorecard: str | Path | Scorecard | None, rescale: bool = False) -> None:
         self._cards: dict[str, Scorecard] = {}
+        self._rescaled: dict[tuple[int, float, int], Scorecard] = {}
+        self.rescale = bool(rescale)
         if scorecard is None or isinstance(scorecard, Scorecard):
             self.fixed = scorecard
         else:
@@ -129,9 +174,17 @@ class CardChooser:
 
     def card_for(self, case: Case) -> Scorecard:
         if self.fixed is not None:
-            return self.fixed
-        is_phantom = case.meta.get("format") == "phantom"
-        return self.load(default_card_name(case.meta.get("site"), is_phantom))
+            card = self.fixed
+        else:
+            is_phantom = case.meta.get("format") == "phantom"
+            card = self.load(default_card_name(case.meta.get("site"), is_phantom))
+        rx = max(case.prescriptions, key=lambda p: p.dose_gy, default=None)
+        if not self.rescale or rx is None or card.prescription_gy in (None, rx.dose_gy):
+            return card
+        key = (id(card), rx.dose_gy, rx.fractions)
+        if key not in self._rescaled:
+            self._rescaled[key] = card.rescaled(rx.dose_gy, rx.fractions)
+        return self._rescaled[key]
 
 
 # --------------------------------------------------------------------------------------
@@ -356,6 +409,7 @@ class CaseData:
     resampler: Resampler
     card: Scorecard
     bound: BoundScorecard
+    fit: CardFit
     extras: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -400,7 +454,9 @@ class ReverseChain:
 
     The chain owns its scheduler (the policy's sampler and config), so an agent that calls
     ``policy.timesteps`` elsewhere does not move it. ``distribution()`` is the Gaussian of the
-    current step (one batched model forward, cached until the state changes).
+    current step (one batched model forward, cached until the state changes). Every step
+    whose x̂0 or mean is not finite raises ``ModelError`` naming the step and the episodes'
+    cases (``keys``), so no NaN reaches an observation or a reward.
     """
 
     def __init__(self, policy: DosePolicy, steps: int) -> None:
@@ -416,12 +472,17 @@ class ReverseChain:
         self.cond: ModelInput | None = None
         self.x: torch.Tensor | None = None
         self.generators: list[torch.Generator] = []
+        self.keys: list[str] = []
         self.k = 0
         self._dist: ReverseStepOutput | None = None
 
-    def start(self, cond: ModelInput, generators: Sequence[torch.Generator]) -> None:
-        """Begin B = ``len(generators)`` episodes from ``x_T`` drawn from each generator."""
+    def start(
+        self, cond: ModelInput, generators: Sequence[torch.Generator], keys: Sequence[str] = ()
+    ) -> None:
+        """Begin B = ``len(generators)`` episodes from ``x_T`` drawn from each generator
+        (``keys``: the episodes' case names, for messages)."""
         self.cond, self.generators, self.k, self._dist = cond, list(generators), 0, None
+        self.keys = list(keys)
         if len(self.generators) == 1:
             self.x = self.policy.initial_noise(cond, self.generators[0])
         else:
@@ -449,9 +510,23 @@ class ReverseChain:
     def step_from_output(self, out: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> ReverseStepOutput:
         """The Gaussian of the step from ``x`` at ``t`` given the model output (no noise)."""
         with torch.no_grad():
-            return reverse_step(
+            step = reverse_step(
                 self.scheduler, out, t, x, eta=self.policy.eta, variance_noise=torch.zeros_like(x)
             )
+            finite = torch.isfinite(step.pred_original_sample).flatten(1).all(1)
+            finite &= torch.isfinite(step.mean).flatten(1).all(1)
+            if not bool(finite.all()):
+                self._not_finite(finite, t)
+        return step
+
+    def _not_finite(self, finite: torch.Tensor, t: torch.Tensor) -> None:
+        bad = [i for i, ok in enumerate(finite.tolist()) if not ok]
+        cases = [self.keys[i] if i < len(self.keys) else f"episode {i}" for i in bad]
+        raise ModelError(
+            f"the model's prediction (x̂0 or step mean) is NaN or infinite at step "
+            f"{self.k + 1}/{self.steps} (timestep {int(t)}) of case(s) {cases}; the policy's "
+            "weights or its input are not finite (check the checkpoint)"
+        )
 
     def distribution(self) -> ReverseStepOutput:
         """``mean``, ``std``, ``pred_original_sample`` (x̂0) of the current step (cached)."""
@@ -516,6 +591,9 @@ class DoseEnvBase(gym.Env):
         render_mode: str | None = None,
         x_bound: float = 20.0,
         case_cache: int = 16,
+        *,
+        allow_card_mismatch: bool = False,
+        rescale_card: bool = False,
     ) -> None:
         if obs_backend not in OBS_BACKENDS:
             raise EnvError(f"obs_backend {obs_backend!r} is unknown; valid: {list(OBS_BACKENDS)}")
@@ -523,27 +601,29 @@ class DoseEnvBase(gym.Env):
             raise EnvError(f"render_mode {render_mode!r} is unknown; valid: {list(RENDER_MODES)} or None")
         if not (math.isfinite(x_bound) and x_bound > 0):
             raise EnvError(f"x_bound must be a finite number > 0, got {x_bound!r}")
+        self.steps = count_arg("steps", steps)
+        self._case_cache = count_arg("case_cache", case_cache)
+        self.allow_card_mismatch = bool(allow_card_mismatch)
         self.policy = resolve_policy(policy, device)
         self.device = self.policy.device
         self.model_spec: ModelSpec = self.policy.spec
-        self.source = CaseSource(cases, case_cache)
-        self.cards = CardChooser(scorecard)
+        self.source = CaseSource(cases, self._case_cache)
+        self.cards = CardChooser(scorecard, rescale=rescale_card)
         self.reward_config = RewardConfig.coerce(reward)
-        self.steps = int(steps)
-        if self.steps < 1:
-            raise EnvError(f"steps must be >= 1, got {steps}")
         self.obs_backend = obs_backend
         self.render_mode = render_mode
         self.x_bound = float(x_bound)
         self.gen_shape = (SLOT_CHANNELS[self.model_spec.generate], *self.model_spec.shape)
         self.cond_slots = [s for s in self.model_spec.slots if s != self.model_spec.generate]
         self._cases: OrderedDict[int, CaseData] = OrderedDict()
-        self._case_cache = max(1, int(case_cache))
         self._last_report: ScoreReport | None = None
 
     # -- cases --------------------------------------------------------------------------
     def case_data(self, index: int) -> CaseData:
-        """Case ``index`` of the source, prepared (cached)."""
+        """Case ``index`` of the source, prepared (cached). A card that does not fit the
+        case (:func:`~dosegym.scorecards.fit.card_fit`: matched items carry under half its
+        maximum, or its prescription is not the case's) raises ``EnvError`` unless
+        ``allow_card_mismatch``."""
         if index in self._cases:
             self._cases.move_to_end(index)
             return self._cases[index]
@@ -555,7 +635,17 @@ class DoseEnvBase(gym.Env):
             raise EnvError(
                 f"case {self.source.key(index)!r} cannot be scored with card {card.name!r}: {exc}"
             ) from exc
-        cd = CaseData(index, self.source.key(index), case, mi, res, card, bound)
+        fit = card_fit(card, case, bound)
+        if not fit.ok and not self.allow_card_mismatch:
+            hint = (
+                "rescale_card=True rescales the card to the case's prescription; " if fit.rx_mismatch else ""
+            )
+            raise EnvError(
+                f"case {self.source.key(index)!r}: {fit.message()}; scores would stand for "
+                f"the wrong plan. Use a card for this case ({hint}allow_card_mismatch=True "
+                "scores with it anyway)"
+            )
+        cd = CaseData(index, self.source.key(index), case, mi, res, card, bound, fit)
         self._cases[index] = cd
         while len(self._cases) > self._case_cache:
             self._cases.popitem(last=False)
@@ -568,9 +658,13 @@ class DoseEnvBase(gym.Env):
         if unknown:
             raise EnvError(f"reset options {unknown} are unknown; valid: ['case_index']")
         if "case_index" in options:
-            index = int(options["case_index"])
-            if not 0 <= index < len(self.source):
-                raise EnvError(f"case_index {index} is out of range; the source has {len(self.source)} cases")
+            index, n = options["case_index"], len(self.source)
+            if isinstance(index, bool) or not isinstance(index, numbers.Integral) or not 0 <= index < n:
+                raise EnvError(
+                    f"reset option case_index={index!r} is out of range; the source has {n} cases: "
+                    f"an integer in [0, {n - 1}]"
+                )
+            index = int(index)
             rng.integers(len(self.source))  # keep the draw sequence the same either way
         else:
             index = int(rng.integers(len(self.source)))
@@ -687,8 +781,16 @@ class DoseEnvBase(gym.Env):
 
     def decode(self, cd: CaseData, x: torch.Tensor) -> torch.Tensor:
         """Gy on the case grid ``(Z, Y, X)`` of one model-grid sample ``x`` ``(C, Z, Y, X)``,
-        decoded exactly as ``DosePolicy.predict`` decodes (batch of one)."""
-        return cd.resampler.decode(x[None, 0])[0]
+        decoded exactly as ``DosePolicy.predict`` decodes (batch of one); ``ModelError`` if
+        any voxel is NaN or infinite."""
+        dose = cd.resampler.decode(x[None, 0])[0]
+        if not bool(torch.isfinite(dose).all()):
+            n = int((~torch.isfinite(dose)).sum())
+            raise ModelError(
+                f"case {cd.key!r}: the decoded dose has {n} NaN or infinite voxels; the model "
+                "output behind it is not finite (check the checkpoint's weights)"
+            )
+        return dose
 
     def pretrained_stats(self, cd: CaseData) -> tuple[float, torch.Tensor]:
         """``(mean points, mean dose Gy)`` of ``baseline_samples`` pretrained samples of the
@@ -702,7 +804,7 @@ class DoseEnvBase(gym.Env):
             with frozen(self.policy.model):
                 x0 = sample(self.policy.model, cond, self.policy.sampler, self.steps, gen, self.policy.eta)
                 doses = [self.decode(cd, x0[i]) for i in range(k)]
-            points = [cd.bound.score(d.float().cpu().numpy()).total for d in doses]
+            points = [cd.bound.score(d.float().cpu().numpy(), allow_high=True).total for d in doses]
             cd.extras[key] = (float(np.mean(points)), torch.stack(doses).mean(dim=0))
         return cd.extras[key]
 
@@ -719,7 +821,7 @@ class DoseEnvBase(gym.Env):
         cfg = self.reward_config
         with torch.no_grad():
             dose = self.decode(cd, x_final)
-            report = cd.bound.score(dose.float().cpu().numpy())
+            report = cd.bound.score(dose.float().cpu().numpy(), allow_high=True)
             self._last_report = report
             baseline = self.pretrained_stats(cd)[0] if cfg.scale == "baseline" else None
             s = score_term(report.total, report.maximum, cfg.scale, baseline)
@@ -746,6 +848,7 @@ class DoseEnvBase(gym.Env):
             "score_report": report.to_dict(),
             "score_total": report.total,
             "score_normalised": report.normalised,
+            "score_matched_fraction": report.matched_fraction,
             "reward_terms": terms,
             "fidelity_anchor": anchor_name,
             "fidelity_mae_gy": fid_gy,
@@ -778,5 +881,5 @@ class DoseEnvBase(gym.Env):
         with torch.no_grad():
             dose = self.decode(cd, x0).float().cpu().numpy()
         if self.render_mode == "ansi":
-            return _render.ansi(cd.bound.score(dose))
+            return _render.ansi(cd.bound.score(dose, allow_high=True))
         return _render.rgb_array(cd.case, dose, title=f"{cd.case.case_id}: x̂0 (Gy)")

@@ -12,7 +12,14 @@ from gymnasium import spaces
 from dosegym.diffusion.policy import DosePolicy
 from dosegym.diffusion.sample import seeded_generator
 from dosegym.diffusion.slots import collate
-from dosegym.envs.base import CaseData, DoseEnvBase, ReverseChain, log_prob_or_nan
+from dosegym.envs.base import (
+    CaseData,
+    DoseEnvBase,
+    ReverseChain,
+    check_seed,
+    log_prob_or_nan,
+    reject_unknown_kwargs,
+)
 from dosegym.envs.reward import RewardConfig, compose, gaussian_kl
 from dosegym.errors import EnvError
 from dosegym.scorecards.scorecard import Scorecard
@@ -80,8 +87,10 @@ class DenoiseDoseEnv(DoseEnvBase):
     Every step: ``step``, ``timestep``, ``log_prob`` (the action's log-density under the
     pretrained step Gaussian, averaged over elements; NaN for a deterministic step), ``kl``
     when the agent gave its Gaussian. At reset: ``case_id``, ``case_key``, ``sampler_seed``,
-    ``scorecard``. On the last step also: ``score_report`` (the full ``ScoreReport`` as a
-    dict), ``score_total``, ``score_normalised``, ``reward_terms``, ``fidelity_anchor``,
+    ``scorecard``, ``score_matched_fraction`` (the share of the card's maximum that the
+    items the case matches carry, :func:`~dosegym.scorecards.fit.card_fit`). On the last step
+    also: ``score_report`` (the full ``ScoreReport`` as a dict), ``score_total``,
+    ``score_normalised``, ``score_matched_fraction``, ``reward_terms``, ``fidelity_anchor``,
     ``fidelity_mae_gy``, ``reference_mae_gy`` (when the case has a reference dose) and
     ``baseline_points`` (``scale="baseline"``).
 
@@ -100,7 +109,17 @@ class DenoiseDoseEnv(DoseEnvBase):
     - ``obs_backend``: ``"numpy"`` (default) or ``"torch"``.
     - ``render_mode``: ``"rgb_array"`` (slices of the current x̂0) or ``"ansi"`` (its score table).
     - ``x_bound``: bound of the state and action Boxes (default 20).
-    - ``case_cache``: prepared cases kept in memory (default 16).
+    - ``case_cache``: prepared cases kept in memory (an integer >= 1, default 16).
+    - ``allow_card_mismatch``: score with a card that does not fit the case (default False:
+      ``reset`` raises ``EnvError`` when the case's matched items carry less than half the
+      card's maximum, or the card's prescription is not the case's highest one).
+    - ``rescale_card``: rescale a card whose prescription differs from the case's highest one
+      to it first (:meth:`~dosegym.scorecards.Scorecard.rescaled`, PlanScoreCard's rules;
+      default False).
+
+    An unknown keyword raises ``EnvError`` naming the valid ones; ``reset(seed=...)`` takes
+    None or an integer >= 0. A model output (x̂0, step mean) or decoded dose with NaN or
+    infinite values raises ``ModelError`` naming the step and the case.
 
     ```python
     env = gymnasium.make("dosegym/DenoiseDose-v0", scorecard="headneck_rtog",
@@ -120,7 +139,11 @@ class DenoiseDoseEnv(DoseEnvBase):
         render_mode: str | None = None,
         x_bound: float = 20.0,
         case_cache: int = 16,
+        allow_card_mismatch: bool = False,
+        rescale_card: bool = False,
+        **unknown: Any,
     ) -> None:
+        reject_unknown_kwargs(type(self), unknown)
         super().__init__(
             policy,
             cases,
@@ -132,6 +155,8 @@ class DenoiseDoseEnv(DoseEnvBase):
             render_mode,
             x_bound,
             case_cache,
+            allow_card_mismatch=allow_card_mismatch,
+            rescale_card=rescale_card,
         )
         xb = self.x_bound
         self.action_space = spaces.Box(-xb, xb, self.gen_shape, np.float32)
@@ -151,16 +176,17 @@ class DenoiseDoseEnv(DoseEnvBase):
     def reset(
         self, *, seed: int | None = None, options: dict[str, Any] | None = None
     ) -> tuple[dict[str, Any], dict[str, Any]]:
-        super().reset(seed=seed)
+        super().reset(seed=check_seed(seed))
         cd = self._choose_case(self.np_random, options)
         sampler_seed = self._sampler_seed(self.np_random)
-        self.chain.start(collate([cd.cond_input]).to(self.device), [seeded_generator(sampler_seed)])
+        self.chain.start(collate([cd.cond_input]).to(self.device), [seeded_generator(sampler_seed)], [cd.key])
         self._cd, self._agent, self._last_report = cd, None, None
         info = {
             "case_id": cd.case.case_id,
             "case_key": cd.key,
             "sampler_seed": sampler_seed,
             "scorecard": cd.card.name,
+            "score_matched_fraction": cd.fit.matched_fraction,
             "step": 0,
             "timestep": int(self.chain.t),
         }

@@ -19,7 +19,10 @@ from dosegym.envs.base import (
     CaseData,
     DoseEnvBase,
     ReverseChain,
+    check_seed,
+    count_arg,
     default_card_name,
+    reject_unknown_kwargs,
 )
 from dosegym.envs.reward import RewardConfig, compose, gaussian_kl
 from dosegym.errors import EnvError
@@ -85,15 +88,17 @@ class GuidedDoseEnv(DoseEnvBase):
 
     ## Info
 
-    As DenoiseDose (no ``log_prob``), plus ``guidance_weights`` (the w_g of the step),
-    ``guidance_max`` (the largest x̂0 change it made) and ``kl`` (guided vs unguided step).
+    As DenoiseDose (no ``log_prob``; ``score_matched_fraction`` at reset and on the last
+    step), plus ``guidance_weights`` (the w_g of the step), ``guidance_max`` (the largest x̂0
+    change it made) and ``kl`` (guided vs unguided step).
 
     ## Arguments
 
     As DenoiseDose (``policy``, ``cases``, ``scorecard``, ``steps``, ``reward``, ``device``,
-    ``obs_backend``, ``render_mode``, ``case_cache``), plus ``guidance_scale`` (the largest
-    x̂0 change per group at full weight, in units of the highest Rx; default 0.1),
-    ``temperature_gy`` (smoothing of the soft metrics, default 1 Gy) and ``pool`` (default 4).
+    ``obs_backend``, ``render_mode``, ``case_cache``, ``allow_card_mismatch``,
+    ``rescale_card``), plus ``guidance_scale`` (the largest x̂0 change per group at full
+    weight, in units of the highest Rx; default 0.1), ``temperature_gy`` (smoothing of the
+    soft metrics, default 1 Gy) and ``pool`` (an integer >= 1, default 4).
     One card scores every case: ``scorecard`` or, without one, the default card of the
     source's site (a source whose sites need different default cards raises ``EnvError``).
     """
@@ -112,7 +117,11 @@ class GuidedDoseEnv(DoseEnvBase):
         temperature_gy: float = 1.0,
         pool: int = 4,
         case_cache: int = 16,
+        allow_card_mismatch: bool = False,
+        rescale_card: bool = False,
+        **unknown: Any,
     ) -> None:
+        reject_unknown_kwargs(type(self), unknown)
         super().__init__(
             policy,
             cases,
@@ -123,16 +132,16 @@ class GuidedDoseEnv(DoseEnvBase):
             obs_backend,
             render_mode,
             case_cache=case_cache,
+            allow_card_mismatch=allow_card_mismatch,
+            rescale_card=rescale_card,
         )
         if not (math.isfinite(guidance_scale) and guidance_scale >= 0):
             raise EnvError(f"guidance_scale must be a finite number >= 0, got {guidance_scale!r}")
         if not (math.isfinite(temperature_gy) and temperature_gy > 0):
             raise EnvError(f"temperature_gy must be a finite number of Gy > 0, got {temperature_gy!r}")
-        if int(pool) < 1:
-            raise EnvError(f"pool must be >= 1, got {pool}")
         self.guidance_scale = float(guidance_scale)
         self.temperature_gy = float(temperature_gy)
-        self.pool = int(pool)
+        self.pool = count_arg("pool", pool)
         self.cards.fixed = self._one_card()
         n_items = len(self.cards.fixed.items)
         n_features = 2 * self.gen_shape[0] * self.pool**3
@@ -171,10 +180,10 @@ class GuidedDoseEnv(DoseEnvBase):
     def reset(
         self, *, seed: int | None = None, options: dict[str, Any] | None = None
     ) -> tuple[dict[str, Any], dict[str, Any]]:
-        super().reset(seed=seed)
+        super().reset(seed=check_seed(seed))
         cd = self._choose_case(self.np_random, options)
         sampler_seed = self._sampler_seed(self.np_random)
-        self.chain.start(collate([cd.cond_input]).to(self.device), [seeded_generator(sampler_seed)])
+        self.chain.start(collate([cd.cond_input]).to(self.device), [seeded_generator(sampler_seed)], [cd.key])
         self._cd, self._last_report = cd, None
         self._analyse()
         info = {
@@ -182,6 +191,7 @@ class GuidedDoseEnv(DoseEnvBase):
             "case_key": cd.key,
             "sampler_seed": sampler_seed,
             "scorecard": cd.card.name,
+            "score_matched_fraction": cd.fit.matched_fraction,
             "step": 0,
             "timestep": int(self.chain.t),
         }

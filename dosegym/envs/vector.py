@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import numpy as np
@@ -12,7 +13,14 @@ from gymnasium.vector.utils import batch_space
 
 from dosegym.diffusion.sample import seeded_generator
 from dosegym.diffusion.slots import collate
-from dosegym.envs.base import CaseData, ReverseChain, log_prob_or_nan
+from dosegym.envs.base import (
+    CaseData,
+    ReverseChain,
+    check_seed,
+    count_arg,
+    log_prob_or_nan,
+    reject_unknown_kwargs,
+)
 from dosegym.envs.denoise import DenoiseDoseEnv
 from dosegym.envs.reward import compose, gaussian_kl
 from dosegym.errors import EnvError
@@ -21,11 +29,13 @@ from dosegym.errors import EnvError
 class DenoiseDoseVectorEnv(VectorEnv):
     """``num_envs`` DenoiseDose episodes in lockstep, one batched model forward per step.
 
-    Same arguments, spaces (batched), rewards and infos as :class:`DenoiseDoseEnv`
-    (``render_mode`` is not supported). Sub-env ``i`` has its own ``np_random``
-    (``reset(seed=s)`` seeds it with ``s + i``, as ``SyncVectorEnv`` does), which draws its
-    case and its sampler seed exactly as a single env with that seed would; only the batched
-    forward's floating-point rounding differs from B single envs.
+    Same arguments (an unknown keyword raises ``EnvError`` listing them and ``num_envs``),
+    spaces (batched), rewards and infos as :class:`DenoiseDoseEnv` (``render_mode`` is not
+    supported); ``reset(seed=...)`` takes None, an integer >= 0 or one per sub-env. Sub-env
+    ``i`` has its own ``np_random`` (``reset(seed=s)`` seeds it with ``s + i``, as
+    ``SyncVectorEnv`` does), which draws its case and its sampler seed exactly as a single
+    env with that seed would; only the batched forward's floating-point rounding differs
+    from B single envs.
 
     **Autoreset**: ``AutoresetMode.NEXT_STEP`` (Gymnasium's default, as ``make_vec`` "sync" /
     "async"): every episode lasts ``steps`` steps, so all sub-envs terminate together; the
@@ -40,8 +50,10 @@ class DenoiseDoseVectorEnv(VectorEnv):
     metadata: dict[str, Any] = {"autoreset_mode": AutoresetMode.NEXT_STEP, "render_modes": []}
 
     def __init__(self, num_envs: int = 1, **kwargs: Any) -> None:
-        if int(num_envs) < 1:
-            raise EnvError(f"num_envs must be >= 1, got {num_envs}")
+        num_envs = count_arg("num_envs", num_envs)
+        valid = inspect.signature(DenoiseDoseEnv.__init__).parameters
+        unknown = {k: v for k, v in kwargs.items() if k not in valid or k in ("self", "unknown")}
+        reject_unknown_kwargs(DenoiseDoseEnv, unknown, extra=("num_envs",), name=type(self).__name__)
         if kwargs.get("render_mode") is not None:
             raise EnvError(
                 "DenoiseDoseVectorEnv does not render; use make_vec(..., vectorization_mode='sync')"
@@ -67,12 +79,13 @@ class DenoiseDoseVectorEnv(VectorEnv):
     ) -> tuple[dict[str, Any], dict[str, Any]]:
         if seed is None:
             seeds: list[int | None] = [None] * self.num_envs
-        elif isinstance(seed, int):
-            seeds = [seed + i for i in range(self.num_envs)]
-        else:
-            seeds = list(seed)
+        elif isinstance(seed, (list, tuple, np.ndarray)):
+            seeds = [check_seed(s) for s in seed]
             if len(seeds) != self.num_envs:
                 raise EnvError(f"reset: {len(seeds)} seeds for {self.num_envs} envs")
+        else:
+            first = check_seed(seed) or 0
+            seeds = [first + i for i in range(self.num_envs)]
         if self._rngs is None or seed is not None:
             self._rngs = [seeding.np_random(s)[0] for s in seeds]
         return self._start(options)
@@ -159,7 +172,7 @@ class DenoiseDoseVectorEnv(VectorEnv):
         self._cds = [core._choose_case(rng, options) for rng in self._rngs]
         seeds = [core._sampler_seed(rng) for rng in self._rngs]
         cond = collate([cd.cond_input for cd in self._cds]).to(core.device)
-        self.chain.start(cond, [seeded_generator(s) for s in seeds])
+        self.chain.start(cond, [seeded_generator(s) for s in seeds], [cd.key for cd in self._cds])
         self._agent, self._autoreset = None, False
         per_case = [core.cond_obs(cd) for cd in self._cds]
         stack = np.stack if core.obs_backend == "numpy" else torch.stack
@@ -171,6 +184,7 @@ class DenoiseDoseVectorEnv(VectorEnv):
                 "case_key": cd.key,
                 "sampler_seed": s,
                 "scorecard": cd.card.name,
+                "score_matched_fraction": cd.fit.matched_fraction,
                 "step": 0,
                 "timestep": int(self.chain.t),
             }

@@ -41,6 +41,7 @@ from dosegym.scorecards.scorecard import (
     Scorecard,
     ScorecardValidationError,
     ScoreItem,
+    read_card_text,
 )
 from dosegym.scorecards.structures import Name, parse_expression, to_varian
 
@@ -190,10 +191,7 @@ def maas_to_dict(data: Any, name: str = "scorecard") -> dict[str, Any]:
 def read_maas(path: str | Path) -> Scorecard:
     """Read a Varian MAAS PlanScoreCard ``.json`` into a :class:`Scorecard`."""
     p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8-sig")
-    except OSError as exc:
-        raise ScorecardError(f"{p}: cannot read ({exc.strerror})") from exc
+    text = read_card_text(p)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -324,7 +322,7 @@ def maas_dict(card: Scorecard) -> dict[str, Any]:
 
 def write_maas(card: Scorecard, path: str | Path) -> Path:
     """Write ``card`` as a PlanScoreCard ``.json`` (4-space indent, UTF-8, atomic)."""
-    text = json.dumps(maas_dict(card), indent=4, ensure_ascii=False)
+    text = json.dumps(maas_dict(card), indent=4, ensure_ascii=False, allow_nan=False)
     p = Path(path)
     with atomic_path(p) as tmp:
         tmp.write_text(text, encoding="utf-8")

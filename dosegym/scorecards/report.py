@@ -4,7 +4,9 @@ Per item: structure, metric label (``D95% [Gy]``), value (in the item's output u
 maximum points, status (``ideal``/``good``/``variation``/``fail``/``unmatched``, rule in
 :mod:`dosegym.scorecards.scorecard`) and comment. The card's ``total`` and ``maximum`` sum
 the matched items only; ``normalised = total / maximum`` (NaN when no item matched);
-``unmatched`` lists the items whose structure the case lacks. A report prints as a rich
+``unmatched`` lists the items whose structure the case lacks, and ``matched_fraction`` (=
+``maximum / card_maximum``) says how much of the card the total stands for: 100 % from 3 of
+20 items is no 100 % plan (see :mod:`dosegym.scorecards.fit`). A report prints as a rich
 table, round-trips through JSON and gives RL a fixed-order vector (:meth:`ScoreReport.vector`).
 """
 
@@ -20,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from rich.table import Table
 from rich.text import Text
 
-from dosegym.data.atomic import atomic_path
+from dosegym.data.atomic import atomic_path, check_output_path, json_text
 from dosegym.errors import ScorecardError
 from dosegym.scorecards.scorecard import ItemStatus
 
@@ -31,6 +33,10 @@ _STYLE = {
     ItemStatus.FAIL: "bold red",
     ItemStatus.UNMATCHED: "magenta",
 }
+
+
+#: Keys :meth:`ScoreReport.to_dict` adds (derived from the items, dropped on reading).
+_DERIVED = ("unmatched", "card_maximum", "matched_fraction")
 
 
 class ItemResult(BaseModel):
@@ -87,6 +93,18 @@ class ScoreReport(BaseModel):
         """Items whose structure the case lacks (not counted in total or maximum)."""
         return [r for r in self.items if r.status is ItemStatus.UNMATCHED]
 
+    @property
+    def card_maximum(self) -> float:
+        """The maximum of every item of the card, matched or not."""
+        return float(sum(r.max_points for r in self.items))
+
+    @property
+    def matched_fraction(self) -> float:
+        """The share of the card's maximum that the matched items carry (``maximum /
+        card_maximum``; 1.0 when every item matched)."""
+        full = self.card_maximum
+        return self.maximum / full if full > 0 else 0.0
+
     # -- vector form for RL --------------------------------------------------------------
     def vector(self, unmatched: float = math.nan) -> np.ndarray:
         """Per-item ``points / max_points`` in card order (``float64``, ``(n_items,)``);
@@ -98,9 +116,12 @@ class ScoreReport(BaseModel):
 
     # -- JSON --------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict; ``unmatched`` (item indices) is added for readers."""
+        """A JSON-ready dict; ``unmatched`` (item indices), ``card_maximum`` and
+        ``matched_fraction`` are added for readers."""
         out = self.model_dump(mode="json")
         out["unmatched"] = [r.index for r in self.unmatched]
+        out["card_maximum"] = self.card_maximum
+        out["matched_fraction"] = self.matched_fraction
         return out
 
     @classmethod
@@ -108,17 +129,19 @@ class ScoreReport(BaseModel):
         """The inverse of :meth:`to_dict`."""
         if not isinstance(data, dict):
             raise ScorecardError(f"a score report must be a mapping, got {type(data).__name__}")
-        data = {k: v for k, v in data.items() if k != "unmatched"}
+        data = {k: v for k, v in data.items() if k not in _DERIVED}
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
             raise ScorecardError(f"invalid score report: {exc}") from None
 
     def to_json(self, path: str | Path | None = None) -> str:
-        """JSON text (written atomically to ``path`` when given)."""
-        text = json.dumps(self.to_dict(), indent=2) + "\n"
+        """Strict JSON text (NaN and infinities as the strings ``"NaN"``, ``"Infinity"``), written
+        atomically to ``path`` when given: a file (new or a regular file), or an existing folder,
+        which gets ``score_<case_id>.json``."""
+        text = json_text(self.to_dict(), spell_nonfinite=True)
         if path is not None:
-            with atomic_path(path) as tmp:
+            with atomic_path(check_output_path(path, in_folder=f"score_{self.case_id}.json")) as tmp:
                 tmp.write_text(text, encoding="utf-8")
         return text
 
@@ -139,7 +162,7 @@ class ScoreReport(BaseModel):
 
     # -- display -----------------------------------------------------------------------------
     def table(self) -> Table:
-        """A rich table: one row per item, then the totals."""
+        """A rich table: one row per item, then the totals and the matched share of the card."""
         rx = f", Rx {self.prescription_gy:g} Gy" if self.prescription_gy else ""
         t = Table(title=f"{self.card} on {self.case_id}{rx}", title_justify="left")
         for col, just in (
@@ -178,6 +201,16 @@ class ScoreReport(BaseModel):
             f"{self.total:.2f}",
             f"{self.maximum:g}",
             f"{100 * self.normalised:.1f} %",
+            "",
+        )
+        t.add_row(
+            "",
+            "matched",
+            "",
+            "",
+            f"{self.maximum:g}",
+            f"{self.card_maximum:g}",
+            f"{100 * self.matched_fraction:.1f} %",
             "",
         )
         if self.unmatched:

@@ -42,6 +42,7 @@ expressions that do not parse.
 
 from __future__ import annotations
 
+import codecs
 import importlib.resources
 import math
 from collections.abc import Sequence
@@ -64,6 +65,7 @@ from pydantic import (
 
 from dosegym.data.atomic import atomic_path
 from dosegym.data.case import Case, canonical_name
+from dosegym.data.dose import check_dose_gy
 from dosegym.errors import ScorecardError
 from dosegym.scorecards.dvh import DVHCache
 from dosegym.scorecards.metrics import NEEDS_BODY, MetricKind, MetricSpec, compute_metric
@@ -497,10 +499,7 @@ class Scorecard(BaseModel):
     def from_yaml(cls, path: str | Path) -> Scorecard:
         """Read a card in our YAML schema."""
         p = Path(path)
-        try:
-            text = p.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise ScorecardError(f"{p}: cannot read ({exc.strerror})") from exc
+        text = read_card_text(p)
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as exc:
@@ -720,7 +719,7 @@ class BoundScorecard:
             names[0] if names else item.structure,
         )
 
-    def _check_dose(self, dose_gy: Any) -> np.ndarray:
+    def _check_dose(self, dose_gy: Any, allow_high: bool = False) -> np.ndarray:
         if dose_gy is None:
             if self.case.dose is None:
                 raise ScorecardError(f"case {self.case.case_id!r} has no dose to score; pass dose_gy")
@@ -731,18 +730,19 @@ class BoundScorecard:
                 f"dose has shape {dose.shape}; it must match case {self.case.case_id!r} grid "
                 f"{self.case.grid.shape} (z, y, x)"
             )
-        if not np.issubdtype(dose.dtype, np.floating):
-            dose = dose.astype(np.float32)
-        bad = ~np.isfinite(dose)
-        if bad.any():
-            raise ScorecardError(f"dose contains {int(bad.sum())} NaN or infinite values: refusing to score")
-        return dose
+        where = f"case {self.case.case_id!r}: dose_gy"
+        rx = self.case.max_prescription_gy or self.rx_gy
+        return check_dose_gy(
+            dose, where=where, prescription_gy=rx, allow_high=allow_high, error=ScorecardError
+        )
 
-    def score(self, dose_gy: np.ndarray | None = None) -> ScoreReport:
-        """Score one dose (Gy, ``(z, y, x)``; default the case's) -> ``ScoreReport``."""
+    def score(self, dose_gy: np.ndarray | None = None, *, allow_high: bool = False) -> ScoreReport:
+        """Score one dose (Gy, ``(z, y, x)``; default the case's) -> ``ScoreReport``.
+        ``allow_high``: accept a dose above the dose rule's maximum (the environments, whose
+        action spaces allow such doses)."""
         from dosegym.scorecards.report import ItemResult, ScoreReport
 
-        dose = self._check_dose(dose_gy)
+        dose = self._check_dose(dose_gy, allow_high)
         cache = DVHCache(dose, self.case.voxel_volume_cc)
         results = []
         for i, (item, res) in enumerate(zip(self.card.items, self.resolved)):
@@ -919,6 +919,41 @@ def _flow_points(card: dict[str, Any]) -> dict[str, Any]:
             pts.append(_FlowDict(p))
         item["points"] = pts
     return card
+
+
+# -- card files ------------------------------------------------------------------------------
+#: Byte-order marks of the encodings read besides UTF-8 (UTF-32 first: its LE mark starts with UTF-16's).
+_BOMS = (
+    (codecs.BOM_UTF32_LE, "utf-32"),
+    (codecs.BOM_UTF32_BE, "utf-32"),
+    (codecs.BOM_UTF16_LE, "utf-16"),
+    (codecs.BOM_UTF16_BE, "utf-16"),
+)
+
+
+def read_card_text(path: Path) -> str:
+    """The text of a card file: UTF-8 (with or without a byte-order mark), or UTF-16/32 with
+    one (what Windows tools such as PowerShell's ``Out-File`` write). A NUL byte (UTF-16
+    without its mark, a binary file) or bytes that do not decode raise ``ScorecardError``
+    naming the file and the offset."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ScorecardError(f"{path}: cannot read ({exc.strerror})") from exc
+    encoding = next((enc for bom, enc in _BOMS if raw.startswith(bom)), "utf-8-sig")
+    if encoding == "utf-8-sig" and b"\x00" in raw:
+        raise ScorecardError(
+            f"{path}: NUL byte at offset {raw.index(0)}: UTF-16 without a byte-order mark, or not a "
+            "text file; a card file must be UTF-8 text (UTF-16 only with a byte-order mark)"
+        )
+    try:
+        return raw.decode(encoding)
+    except UnicodeDecodeError as exc:
+        raise ScorecardError(
+            f"{path}: not {encoding.replace('-sig', '').upper()} text (byte 0x{raw[exc.start]:02x} at "
+            f"offset {exc.start} cannot be decoded); a card file must be UTF-8 text (UTF-16 only with "
+            "a byte-order mark)"
+        ) from None
 
 
 # -- built-in cards --------------------------------------------------------------------------

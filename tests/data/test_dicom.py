@@ -304,6 +304,7 @@ def test_body_by_name_and_tiny_structures(copy):
 
 
 def test_beam_doses_are_summed_and_a_plan_dose_wins(copy):
+    (copy / "RP.dcm").unlink()  # its 5 beams would need 5 BEAM doses (test_dicom_no_ct.py)
     half = dose_gy(*patient_mm(DOSE_GRID)) / 2
     for name in ("RD.dcm", "RD.2.dcm"):
         write_rtdose(half, DOSE_GRID, copy / name, ct_folder=copy)
@@ -426,13 +427,20 @@ def test_mismatched_frame_of_reference(copy, name):
 def test_missing_ct(copy):
     for p in copy.glob("CT.*.dcm"):
         p.unlink()
-    with pytest.raises(DataError, match=r"missing CT.*RS\.dcm"):
+    with pytest.raises(DataError, match=r"missing CT.*RS\.dcm.*needs its planning CT$"):
+        read_dicom(copy, grid="ct")
+    assert read_dicom(copy).meta["grid_source"] == "rtdose"  # more: test_dicom_no_ct.py
+    (copy / "RD.dcm").unlink()
+    with pytest.raises(DataError, match=r"missing CT.*and no RTDOSE.*RS\.dcm"):
         read_dicom(copy)
 
 
 def test_missing_slice(copy):
     (copy / "CT.0010.dcm").unlink()
     with pytest.raises(DataError, match=r"CT\.0011\.dcm: .*not equally spaced.*slice may be missing"):
+        read_dicom(copy, grid="ct")
+    (copy / "RD.dcm").unlink()  # grid="auto" would read on the RTDOSE grid; without one it refuses
+    with pytest.raises(DataError, match=r"CT\.0011\.dcm: .*slice may be missing\); and there is no RTDOSE"):
         read_dicom(copy)
 
 
@@ -454,7 +462,7 @@ def test_failed_writes_leave_nothing(tmp_path):
 
 
 def test_bad_arguments(written):
-    with pytest.raises(DataError, match="grid must be"):
+    with pytest.raises(DataError, match="grid must be 'auto', 'ct' or 'dose'"):
         read_dicom(written, grid="mri")
     with pytest.raises(DataError, match="supersample"):
         read_dicom(written, supersample=0)

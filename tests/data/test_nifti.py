@@ -229,7 +229,7 @@ def test_failed_write_leaves_nothing(tmp_path: Path, monkeypatch) -> None:
         return original(*args, **kwargs)
 
     monkeypatch.setattr(nifti.sitk, "WriteImage", failing)
-    with pytest.raises(RuntimeError, match="disk full"):
+    with pytest.raises(DataError, match=r"case: could not be written \(disk full\)"):
         write_nifti_folder(tiny_case(), tmp_path / "case")
     assert list(tmp_path.iterdir()) == []
 

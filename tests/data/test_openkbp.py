@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +19,9 @@ from dosegym.errors import DataError
 OPENKBP = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "openkbp"
 PATIENTS = ["train-pats/pt_108", "train-pats/pt_196", "validation-pats/pt_201"]
 
-pytestmark = pytest.mark.skipif(
-    not (OPENKBP / PATIENTS[0]).is_dir(), reason=f"OpenKBP sample patients not found at {OPENKBP}"
+pytestmark = pytest.mark.skipif(  # under CI the shared data must be there: the tests fail without it
+    not (OPENKBP / PATIENTS[0]).is_dir() and os.environ.get("CI") != "true",
+    reason=f"OpenKBP sample patients not found at {OPENKBP}",
 )
 
 
@@ -113,3 +117,101 @@ def test_not_an_openkbp_folder(tmp_path: Path) -> None:
     (tmp_path / "possible_dose_mask.csv").write_text(",data\n5,\n")
     with pytest.raises(DataError, match="voxel_dimensions.csv"):
         read_openkbp(tmp_path)
+
+
+# -- malformed CSVs (issue 15, rule 6): each is refused with its file and line -------------
+@pytest.fixture
+def patient(tmp_path: Path) -> Path:
+    """A copy of real patient pt_108 to damage."""
+    return Path(shutil.copytree(OPENKBP / PATIENTS[0], tmp_path / "pt_108"))
+
+
+def _edit(path: Path, line: int, text: str) -> None:
+    """Replace line ``line`` (1-based; the header is line 1) of a CSV by ``text``, or append
+    ``text`` as a new last line when ``line`` is 0."""
+    lines = path.read_text().splitlines()
+    if line:
+        lines[line - 1] = text
+    else:
+        lines.append(text)
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _index_on(path: Path, line: int) -> int:
+    return int(path.read_text().splitlines()[line - 1].split(",")[0])
+
+
+@pytest.mark.parametrize(
+    ("file", "line", "text", "says"),
+    [
+        ("PTV70.csv", 3, "{i3},1", "line 3: a value '1' on a structure row"),
+        ("possible_dose_mask.csv", 4, "{i4},1.0", "line 4: a value '1.0' on a structure row"),
+        ("dose.csv", 0, "{i2},999", "line {n}: index {i2} repeats line 2; each voxel appears once"),
+        ("PTV70.csv", 0, "{i2},", "line {n}: index {i2} repeats line 2"),
+        ("dose.csv", 4, "{i4}.5,3.0", "line 4: index '{i4}.5' is not a whole number"),
+        ("PTV70.csv", 4, "{i4}.5,", "line 4: index '{i4}.5' is not a whole number"),
+        ("PTV70.csv", 2, "-5,", "line 2: index -5 is outside the (128, 128, 128) grid"),
+        ("dose.csv", 2, "-5,1.0", "line 2: index -5 is outside"),
+        (
+            "possible_dose_mask.csv",
+            0,
+            "2097152,",
+            "line {n}: index 2097152 is outside the (128, 128, 128) grid",
+        ),
+        ("dose.csv", 5, "{i5},abc", "line 5: value 'abc' is not a number"),
+        ("dose.csv", 5, "{i5},nan", "line 5: value nan is not a finite float32 number"),
+        ("ct.csv", 5, "{i5},1e40", "line 5: value 1e+40 is not a finite float32 number"),
+        ("dose.csv", 3, "{i3}", "line 3: '{i3}' has 1 fields, not 2"),
+        ("dose.csv", 3, "{i3},1,2", "line 3: '{i3},1,2' has 3 fields, not 2"),
+        ("dose.csv", 3, "{i3},", "line 3: value '' is not a number"),
+        ("PTV70.csv", 3, "", "line 3: '' has 1 fields, not 2"),
+    ],
+)
+def test_malformed_rows_name_file_and_line(patient: Path, file: str, line: int, text: str, says: str) -> None:
+    path = patient / file
+    n = len(path.read_text().splitlines()) + 1
+    idx = {f"i{k}": _index_on(path, k) for k in (2, 3, 4, 5)}
+    _edit(path, line, text.format(**idx))
+    with pytest.raises(DataError, match="^" + re.escape(f"{path}: {says.format(n=n, **idx)}")):
+        read_openkbp(patient)
+
+
+def test_binary_bytes_name_file_and_line(patient: Path) -> None:
+    path = patient / "ct.csv"
+    data = bytearray(path.read_bytes())
+    at = len(data) // 2
+    data[at : at + 4] = b"\xff\x00\xfe\x01"
+    path.write_bytes(bytes(data))
+    line = data.count(b"\n", 0, at) + 1
+    with pytest.raises(
+        DataError, match=re.escape(f"{path}: line {line}: byte 0xff at offset {at} is not text")
+    ):
+        read_openkbp(patient)
+    path.write_bytes(b",data\n12\x00,1.0\n")
+    with pytest.raises(DataError, match=re.escape(f"{path}: line 2: byte 0x00")):
+        read_openkbp(patient)
+    (patient / "voxel_dimensions.csv").write_bytes(b"\xff\xfe\x00\x01garbage")
+    with pytest.raises(DataError, match="voxel_dimensions.csv: expected three"):
+        read_openkbp(patient)
+
+
+def test_nan_voxel_size_and_missing_voxel_dimensions(patient: Path) -> None:
+    (patient / "voxel_dimensions.csv").write_text("nan\n3.9\n2.5\n")
+    with pytest.raises(DataError, match="voxel_dimensions.csv: expected three positive floats"):
+        read_openkbp(patient)
+    (patient / "voxel_dimensions.csv").unlink()
+    with pytest.raises(
+        DataError,
+        match=re.escape(f"{patient}: looks like an OpenKBP patient folder") + ".*lacks voxel_dimensions.csv",
+    ):
+        read_case(patient)
+
+
+def test_crlf_and_unsorted_rows_still_read(patient: Path) -> None:
+    """Line endings and row order are not errors: the same case comes back."""
+    ref = read_openkbp(OPENKBP / PATIENTS[0])
+    dose = patient / "dose.csv"
+    lines = dose.read_text().splitlines()
+    dose.write_text("\r\n".join(lines[:1] + lines[1:][::-1]) + "\r\n")
+    back = read_openkbp(patient)
+    assert np.array_equal(back.dose, ref.dose) and np.array_equal(back.ct, ref.ct)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 
 import numpy as np
 import pytest
@@ -146,3 +147,27 @@ def test_missing_required_slot_in_conditions(policy, case):
     with pytest.raises(ModelError, match="regression model"):
         regress.step_distribution(torch.zeros(1, 1, 16, 16, 16), 10, regress.conditions(case))
     assert regress.predict(case).shape == case.grid.shape
+
+
+def test_nan_weights_raise_model_error_naming_the_case(tiny_model, case):
+    """Issue 15, rule 2: a checkpoint with NaN weights never yields a (NaN) dose."""
+    with torch.no_grad():
+        for p in tiny_model.parameters():
+            p.fill_(float("nan"))
+    policy = DosePolicy(tiny_model, sampler="ddim", eta=1.0)
+    with pytest.raises(ModelError, match=r"predict|decode") as err:
+        policy.predict(case, steps=2, seed=0)
+    assert repr(case.case_id) in str(err.value) and "NaN" in str(err.value)
+    cond = policy.conditions(case)
+    x = torch.full((1, 1, *policy.spec.shape), float("nan"))
+    for to_case in (None, case, [case]):
+        with pytest.raises(ModelError, match=re.escape(f"case {case.case_id!r} has")):
+            policy.decode(x, cond, to_case=to_case)
+
+
+def test_predict_applies_the_dose_rule(policy, case, monkeypatch):
+    """A finite but absurd prediction (100 x the prescription) is refused as well."""
+    shape = (1, 1, *policy.spec.shape)
+    monkeypatch.setattr("dosegym.diffusion.policy.sample", lambda *a, **k: torch.full(shape, 100.0))
+    with pytest.raises(ModelError, match=r"predict: the dose predicted for case .* exceeds"):
+        policy.predict(case, steps=2, seed=0)
