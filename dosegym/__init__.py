@@ -1,5 +1,8 @@
 """dosegym: align radiotherapy dose-prediction diffusion models with reinforcement learning."""
 
+# Registers the dosegym/ Gymnasium ids (entry-point strings: torch is not imported here).
+import dosegym.envs  # noqa: E402, F401
+from dosegym._version import __version__
 from dosegym.errors import (
     AgentError,
     BenchError,
@@ -9,11 +12,6 @@ from dosegym.errors import (
     ModelError,
     ScorecardError,
 )
-
-__version__ = "0.1.0"
-
-# Registers the dosegym/ Gymnasium ids (entry-point strings: torch is not imported here).
-import dosegym.envs  # noqa: E402, F401
 
 __all__ = [
     "AgentError",

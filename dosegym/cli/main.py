@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from dosegym import __version__
+from dosegym._version import __version__
 from dosegym.cli import data as data_cli
 from dosegym.cli import model as model_cli
 from dosegym.cli import score as score_cli

@@ -24,7 +24,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from dosegym import __version__
+from dosegym._version import __version__
 from dosegym.data.atomic import atomic_folder, json_text
 from dosegym.diffusion.config import ModelConfig, parse_config
 from dosegym.errors import ModelError
