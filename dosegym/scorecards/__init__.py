@@ -8,7 +8,8 @@ masks ``bool``; '%' doses are relative to the card's (else the case's) prescript
 Modules, one job each: ``schema`` (the pydantic models and their validation), ``bound`` (a
 card bound to a case, numpy scoring), ``scorecard`` (the public ``Scorecard``: binding,
 scoring, YAML files), ``registry`` (built-in cards, ``load_card``), ``maas`` (MAAS I/O),
-``report`` (``ScoreReport``, ``ItemStatus``), ``curve`` (scoring curves), ``groups``
+``report`` (``ScoreReport``, ``ItemStatus``), ``varian`` (Varian structure recipes),
+``curve`` (scoring curves), ``groups``
 (objective groups), ``model_grid`` (a case's structures on another grid), ``soft_card`` (torch
 scoring of a binding), ``soft`` / ``metrics_torch`` (torch metrics). Importing this package
 does not import torch: :class:`SoftScorecard` and :class:`TorchScores` load it on first use.
@@ -34,8 +35,8 @@ from dosegym.scorecards.structures import (
     StructureSyntaxError,
     UnmatchedStructureError,
     parse_expression,
-    parse_varian,
 )
+from dosegym.scorecards.varian import parse_varian, to_varian
 
 _LAZY = {"SoftScorecard": "dosegym.scorecards.soft_card", "TorchScores": "dosegym.scorecards.soft_card"}
 
@@ -75,5 +76,6 @@ __all__ = [
     "parse_expression",
     "parse_varian",
     "read_maas",
+    "to_varian",
     "write_maas",
 ]

@@ -28,7 +28,8 @@ from dosegym.scorecards.dvh import DVHCache
 from dosegym.scorecards.metrics import NEEDS_BODY, compute_metric
 from dosegym.scorecards.report import ItemResult, ItemStatus, ScoreReport
 from dosegym.scorecards.schema import CardSchema, ScoreItem
-from dosegym.scorecards.structures import StructureResolver, UnmatchedStructureError, parse_varian
+from dosegym.scorecards.structures import StructureResolver, UnmatchedStructureError
+from dosegym.scorecards.varian import parse_varian
 
 
 @dataclass

@@ -39,7 +39,8 @@ from dosegym.errors import ScorecardError
 from dosegym.scorecards.metrics import MetricKind
 from dosegym.scorecards.schema import ScorecardValidationError, ScoreItem
 from dosegym.scorecards.scorecard import Scorecard, read_card_text
-from dosegym.scorecards.structures import Name, parse_expression, to_varian
+from dosegym.scorecards.structures import Name, parse_expression
+from dosegym.scorecards.varian import to_varian
 
 K = MetricKind
 _TOP_KEYS = ("TemplateName", "Site", "Creator", "ScoreTemplates", "DosePerFraction", "NumberOfFractions")

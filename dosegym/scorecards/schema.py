@@ -47,12 +47,8 @@ from dosegym.errors import ScorecardError
 from dosegym.scorecards.curve import piecewise_linear
 from dosegym.scorecards.metrics import MetricKind, MetricSpec
 from dosegym.scorecards.report import ItemStatus
-from dosegym.scorecards.structures import (
-    StructureSyntaxError,
-    normalise_structure_map,
-    parse_expression,
-    parse_varian,
-)
+from dosegym.scorecards.structures import StructureSyntaxError, normalise_structure_map, parse_expression
+from dosegym.scorecards.varian import parse_varian
 
 K = MetricKind
 _UNITS = {"gy": "Gy", "cgy": "cGy", "%": "%", "cc": "cc", "cm3": "cc", "cm³": "cc"}
