@@ -46,8 +46,9 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
-from dosegym.data.case import Case, canonical_name
+from dosegym.data.case import Case
 from dosegym.data.grid import Grid
+from dosegym.data.oar_groups import OAR_GROUPS, oar_group
 from dosegym.errors import DataError, ModelError
 
 SLOTS: tuple[str, ...] = ("ct", "body", "targets", "oars", "beam_plate", "angle_plate", "dose")
@@ -55,23 +56,6 @@ Role = Literal["condition", "generate", "absent"]
 ROLES: tuple[str, ...] = ("condition", "generate", "absent")
 ROLE_CODES: dict[str, int] = {r: i for i, r in enumerate(ROLES)}
 
-#: Canonical OAR groups, one channel each of the ``oars`` slot, in this order. A structure
-#: goes to the first group one of whose keywords occurs in its canonical name
-#: (:func:`dosegym.data.canonical_name`: lower case, aliases folded, separators dropped);
-#: an OAR matching none goes to ``other``.
-OAR_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("cord_brainstem", ("cord", "brainstem", "spinalcanal", "cauda")),
-    ("parotids_glands", ("parotid", "submand")),
-    (
-        "larynx_esophagus",
-        ("larynx", "esoph", "oesoph", "pharyn", "constrictor", "trachea", "glott"),
-    ),
-    ("mandible_bone", ("mandib", "bone", "rib", "vertebra")),
-    ("rectum_bladder", ("rectum", "bladder", "bowel", "sigmoid", "colon", "anal")),
-    ("lungs_heart", ("lung", "heart", "cardiac", "pericard")),
-    ("femoral_heads", ("femur", "femoral", "hip")),
-    ("other", ()),
-)
 SLOT_CHANNELS: dict[str, int] = {
     "ct": 1,
     "body": 1,
@@ -100,15 +84,6 @@ def normalise_ct(ct_hu: np.ndarray) -> np.ndarray:
     """HU clipped to [-1000, 1500] and scaled linearly to [-1, 1]."""
     lo, hi = CT_RANGE_HU
     return ((np.clip(ct_hu, lo, hi) - lo) / (hi - lo) * 2.0 - 1.0).astype(np.float32)
-
-
-def oar_group(name: str) -> int:
-    """Channel index in the ``oars`` slot of a structure name (see :data:`OAR_GROUPS`)."""
-    key = canonical_name(name)
-    for i, (_, words) in enumerate(OAR_GROUPS):
-        if any(w in key for w in words):
-            return i
-    return len(OAR_GROUPS) - 1
 
 
 class ModelSpec(BaseModel):

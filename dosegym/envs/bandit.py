@@ -15,6 +15,7 @@ from dosegym.envs.base import CaseData, DoseEnvBase, check_seed, reject_unknown_
 from dosegym.envs.reward import RewardConfig
 from dosegym.errors import EnvError
 from dosegym.scorecards.scorecard import Scorecard
+from dosegym.scorecards.soft_card import SoftScorecard
 
 
 class ScorecardBanditEnv(DoseEnvBase):
@@ -150,8 +151,9 @@ class ScorecardBanditEnv(DoseEnvBase):
             raise EnvError(f"soft_score: dose shape {tuple(dose.shape)}; expected (B, *{self.gen_shape})")
         cd = self._cd
         dose_gy = cd.resampler.decode(dose.to(self.device)[:, 0])
-        scores = cd.bound.score_torch(dose_gy, temperature=self.temperature_gy)
-        return scores.total / scores.max_points[scores.matched].sum()
+        if "soft_card" not in cd.extras:
+            cd.extras["soft_card"] = SoftScorecard(cd.bound)
+        return cd.extras["soft_card"].score(dose_gy, temperature=self.temperature_gy).normalised
 
     def current_x0(self) -> tuple[CaseData, torch.Tensor] | None:
         if self._cd is None:

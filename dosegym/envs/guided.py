@@ -15,7 +15,6 @@ from dosegym.diffusion.policy import DosePolicy
 from dosegym.diffusion.sample import seeded_generator
 from dosegym.diffusion.slots import collate
 from dosegym.envs.base import (
-    GROUP_NAMES,
     CaseData,
     DoseEnvBase,
     ReverseChain,
@@ -26,6 +25,7 @@ from dosegym.envs.base import (
 )
 from dosegym.envs.reward import RewardConfig, compose, gaussian_kl
 from dosegym.errors import EnvError
+from dosegym.scorecards.groups import GROUP_NAMES
 from dosegym.scorecards.scorecard import Scorecard
 
 

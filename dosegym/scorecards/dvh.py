@@ -112,10 +112,6 @@ class DVH:
 
     # -- exact queries --------------------------------------------------------------------
     @property
-    def n_voxels(self) -> int:
-        return int(self.doses_gy.size)
-
-    @property
     def min_gy(self) -> float:
         return float(self.doses_gy[-1])
 

@@ -7,7 +7,7 @@ normalised total of 100 % may come from a few items; a card written for 60 Gy sc
 70 Gy plan against the wrong dose levels. A fit is poor when the matched items carry less
 than :data:`MIN_MATCHED_FRACTION` of the card's maximum, or when the card's prescription
 differs from the case's highest one by more than :data:`RX_RTOL` (relative) and the card
-was not rescaled to it (:meth:`~dosegym.scorecards.scorecard.Scorecard.rescaled`).
+was not rescaled to it (:meth:`~dosegym.scorecards.schema.CardSchema.rescaled`).
 The CLI warns on a poor fit; the environments refuse it unless allowed.
 """
 
@@ -16,7 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from dosegym.data.case import Case
-from dosegym.scorecards.scorecard import BoundScorecard, Scorecard
+from dosegym.scorecards.bound import BoundScorecard
+from dosegym.scorecards.scorecard import Scorecard
 
 #: Below this share of the card's maximum carried by matched items, a fit is poor.
 MIN_MATCHED_FRACTION = 0.5

@@ -15,10 +15,10 @@ Mapping to :class:`~dosegym.scorecards.scorecard.Scorecard`: ``TemplateName`` ->
 ``InputValue`` -> ``value``, ``HI_HiValue``/``HI_LowValue``/``HI_Target`` -> ``hi_value``/
 ``lo_value``/``target_value``, ``MetricComment`` -> ``comment``, points one to one (scoring
 uses ``Score``, never the label's number). Every Varian-only field is kept in ``item.maas``
-and ``point.colors``/``color_value``, so ``write_maas(read_maas(f))`` reproduces the file
-(byte for byte for the two genuine cards). Imported cards get ``on_unmatched="report"``:
-structures the case lacks are listed as unmatched, as in the tool (whose missing structures
-score 0), but never counted.
+(:class:`~dosegym.scorecards.schema.MaasItem`) and ``point.colors``/``color_value``, so
+``write_maas(read_maas(f))`` reproduces the file (byte for byte for the two genuine cards).
+Imported cards get ``on_unmatched="report"``: structures the case lacks are listed as
+unmatched, as in the tool (whose missing structures score 0), but never counted.
 
 Writing our own cards: ``structure_map``, ``references``, ``description``, ``optional``,
 ``priority`` and ``on_unmatched`` have no PlanScoreCard field and are not written.
@@ -37,13 +37,10 @@ from typing import Any
 from dosegym.data.atomic import atomic_path
 from dosegym.errors import ScorecardError
 from dosegym.scorecards.metrics import MetricKind
-from dosegym.scorecards.scorecard import (
-    Scorecard,
-    ScorecardValidationError,
-    ScoreItem,
-    read_card_text,
-)
-from dosegym.scorecards.structures import Name, parse_expression, to_varian
+from dosegym.scorecards.schema import ScorecardValidationError, ScoreItem
+from dosegym.scorecards.scorecard import Scorecard, read_card_text
+from dosegym.scorecards.structures import Name, parse_expression
+from dosegym.scorecards.varian import to_varian
 
 K = MetricKind
 _TOP_KEYS = ("TemplateName", "Site", "Creator", "ScoreTemplates", "DosePerFraction", "NumberOfFractions")

@@ -1,8 +1,7 @@
 """``ScoreReport``: what a scorecard says about one dose.
 
 Per item: structure, metric label (``D95% [Gy]``), value (in the item's output unit), points,
-maximum points, status (``ideal``/``good``/``variation``/``fail``/``unmatched``, rule in
-:mod:`dosegym.scorecards.scorecard`) and comment. The card's ``total`` and ``maximum`` sum
+maximum points, status (:class:`ItemStatus`) and comment. The card's ``total`` and ``maximum`` sum
 the matched items only; ``normalised = total / maximum`` (NaN when no item matched);
 ``unmatched`` lists the items whose structure the case lacks, and ``matched_fraction`` (=
 ``maximum / card_maximum``) says how much of the card the total stands for: 100 % from 3 of
@@ -14,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,26 @@ from rich.text import Text
 
 from dosegym.data.atomic import atomic_path, check_output_path, json_text
 from dosegym.errors import ScorecardError
-from dosegym.scorecards.scorecard import ItemStatus
+
+
+class ItemStatus(str, Enum):
+    """How well an item did, from the points it earned (``max``/``min``: its highest/lowest
+    score):
+
+    * ``ideal``: ``points == max``;
+    * ``fail``: ``points == min`` (nothing earned);
+    * with a point flagged ``variation`` (the protocol's "variation acceptable" point, score
+      ``s_v``): ``good`` when ``s_v <= points < max``, ``variation`` when ``min < points < s_v``;
+    * without one: ``good`` for ``min < points < max``;
+    * ``unmatched``: the structure matches nothing in the case (left out of the totals).
+    """
+
+    IDEAL = "ideal"
+    GOOD = "good"
+    VARIATION = "variation"
+    FAIL = "fail"
+    UNMATCHED = "unmatched"
+
 
 _STYLE = {
     ItemStatus.IDEAL: "bold green",

@@ -1,4 +1,4 @@
-"""Differentiable (soft) dose metrics and the piecewise-linear scoring curve.
+"""Differentiable (soft) dose metrics and the torch piecewise-linear scoring curve.
 
 Soft metrics smooth the exact DVH of ``dvh.py`` with a temperature ``tau`` in Gy and
 converge to the exact metric as ``tau -> 0``:
@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from dosegym.errors import ScorecardError
+from dosegym.scorecards.curve import check_curve
 from dosegym.scorecards.metrics import NEEDS_BODY, MetricSpec, evaluate_spec
 from dosegym.scorecards.metrics_torch import as_batch, gather, structure_values, torch_ratio
 
@@ -200,43 +201,10 @@ def soft_metric_torch(
 
 
 # -- piecewise-linear scoring curves ------------------------------------------------------
-def _check_curve(xs: Sequence[float], ys: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
-    x = np.asarray(xs, dtype=np.float64).reshape(-1)
-    y = np.asarray(ys, dtype=np.float64).reshape(-1)
-    if x.size == 0 or x.shape != y.shape:
-        raise ScorecardError(
-            f"a piecewise-linear curve needs as many xs as ys (>= 1), got {x.size} and {y.size}"
-        )
-    if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y))):
-        raise ScorecardError("piecewise-linear curve points must be finite")
-    if np.any(np.diff(x) < 0):
-        raise ScorecardError(f"piecewise-linear xs must be sorted ascending, got {x.tolist()}")
-    return x, y
-
-
-def piecewise_linear(x: float | np.ndarray, xs: Sequence[float], ys: Sequence[float]):
-    """The curve through ``(xs[i], ys[i])`` at ``x`` (numpy), clamped to ``ys[0]`` below
-    ``xs[0]`` and ``ys[-1]`` above ``xs[-1]``. ``xs`` ascending; at a repeated x the curve
-    jumps and takes the right-hand value. One point gives a constant. Returns a float for a
-    scalar ``x``."""
-    px, py = _check_curve(xs, ys)
-    xa = np.asarray(x, dtype=np.float64)
-    if px.size == 1:
-        out = np.full_like(xa, py[0])
-    else:
-        xc = np.clip(xa, px[0], px[-1])
-        i = np.clip(np.searchsorted(px, xc, side="right"), 1, px.size - 1)
-        x0, x1, y0, y1 = px[i - 1], px[i], py[i - 1], py[i]
-        h = x1 - x0
-        t = np.where(h > 0, (xc - x0) / np.where(h > 0, h, 1.0), 1.0)
-        out = y0 + t * (y1 - y0)
-    return float(out) if np.ndim(out) == 0 else out
-
-
 def soft_piecewise_linear(x: Tensor, xs: Sequence[float], ys: Sequence[float]) -> Tensor:
-    """The torch twin of :func:`piecewise_linear` (same rule), differentiable in ``x``
-    almost everywhere (slope of the segment inside, 0 where clamped)."""
-    px, py = _check_curve(xs, ys)
+    """The torch twin of :func:`~dosegym.scorecards.curve.piecewise_linear` (same rule),
+    differentiable in ``x`` almost everywhere (slope of the segment inside, 0 where clamped)."""
+    px, py = check_curve(xs, ys)
     if not isinstance(x, torch.Tensor):
         raise ScorecardError(f"x must be a torch tensor, got {type(x).__name__}")
     xt = x if torch.is_floating_point(x) else x.double()

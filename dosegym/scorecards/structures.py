@@ -16,12 +16,7 @@ Our grammar (``parse_expression``), case-insensitive keywords, no ``eval``::
 ``+``, ``|`` and ``-`` are left-associative: ``A + B - C`` is ``(A + B) - C``. Names that
 contain spaces or operators (``"TOTAL LUNG - GTV"``) must be quoted, else they are parsed.
 
-Varian PlanScoreCard ``StructureComment`` grammar (``parse_varian``)::
-
-    {<ID>|margin_mm} OP {<ID>|margin_mm} ...      OP: AND, OR, SUB (left to right)
-
-A positive margin expands, a negative one contracts; ``^`` (asymmetric margins) is not
-supported and raises ``ScorecardError``.
+The Varian PlanScoreCard ``StructureComment`` recipes are :mod:`dosegym.scorecards.varian`.
 
 Margins are Euclidean and honour anisotropic voxels (``scipy.ndimage.distance_transform_edt``
 with ``sampling=spacing_mm``), distances between voxel centres:
@@ -56,7 +51,8 @@ from dosegym.errors import ScorecardError
 KEYWORDS = ("body", "targets")
 FUNCTIONS = ("expand", "contract", "ring")
 _NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*")
-_NUMBER_RE = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
+#: a decimal number (optional sign and exponent)
+NUMBER_RE = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
 
 
 class StructureSyntaxError(ScorecardError):
@@ -203,7 +199,7 @@ def _tokenize(text: str) -> list[_Token]:
             tokens.append(_Token("quoted", text[i + 1 : end], i))
             i = end + 1
         elif c.isdigit() or (c == "." and i + 1 < len(text) and text[i + 1].isdigit()):
-            m = _NUMBER_RE.match(text, i)
+            m = NUMBER_RE.match(text, i)
             assert m is not None
             j = m.end()
             unit = re.match(r"\s*([A-Za-z]+)", text[j:])
@@ -327,70 +323,6 @@ def parse_expression(text: str) -> StructureExpr:
     if not isinstance(text, str):
         raise StructureSyntaxError(f"a structure expression must be text, got {type(text).__name__}")
     return _Parser(text).parse()
-
-
-# -- Varian StructureComment grammar ---------------------------------------------------------
-_VARIAN_OPERAND = re.compile(r"\{\s*<([^<>{}]*)>\s*(?:\|([^{}]*))?\}")
-_VARIAN_OP = re.compile(r"(AND|OR|SUB)\b", re.IGNORECASE)
-_VARIAN_OPS = {"and": "&", "or": "+", "sub": "-"}
-
-
-def parse_varian(comment: str) -> StructureExpr:
-    """Parse a Varian ``StructureComment`` recipe, e.g. ``{<PTV>|20} SUB {<PTV>|5}``.
-
-    Margins are in mm; a negative margin contracts. Asymmetric margins (``^``) raise
-    ``ScorecardError`` ("not supported").
-    """
-    text = comment or ""
-
-    def fail(pos: int, msg: str) -> StructureSyntaxError:
-        where = "end of text" if pos >= len(text) else f"position {pos}"
-        return StructureSyntaxError(
-            f"StructureComment {text!r}: {msg} at {where}; expected "
-            "'{<ID>|margin_mm} OP {<ID>|margin_mm}' with OP in AND, OR, SUB"
-        )
-
-    def operand(pos: int) -> tuple[StructureExpr, int]:
-        m = _VARIAN_OPERAND.match(text, pos)
-        if not m:
-            raise fail(pos, "expected an operand {<ID>} or {<ID>|margin_mm}")
-        sid = m.group(1).strip()
-        if not sid:
-            raise fail(pos, "empty structure ID in <>")
-        expr: StructureExpr = Name(sid)
-        margin = (m.group(2) or "").strip()
-        if "^" in margin:
-            raise StructureSyntaxError(
-                f"StructureComment {text!r}: asymmetric margins ('^' in {margin!r}) are not "
-                "supported; map this structure by hand in the card's structure_map"
-            )
-        if margin:
-            if not _NUMBER_RE.fullmatch(margin):
-                raise fail(m.start(2), f"margin {margin!r} is not a number of mm")
-            mm = float(margin)
-            if mm != 0:
-                expr = Margin(expr, mm)
-        return expr, m.end()
-
-    pos = _skip_space(text, 0)
-    if pos >= len(text):
-        raise fail(0, "empty recipe")
-    expr, pos = operand(pos)
-    while True:
-        pos = _skip_space(text, pos)
-        if pos >= len(text):
-            return expr
-        m = _VARIAN_OP.match(text, pos)
-        if not m:
-            raise fail(pos, f"expected AND, OR or SUB, found {text[pos : pos + 10]!r}")
-        right, pos = operand(_skip_space(text, m.end()))
-        expr = BinaryOp(_VARIAN_OPS[m.group(1).lower()], expr, right)
-
-
-def _skip_space(text: str, pos: int) -> int:
-    while pos < len(text) and text[pos].isspace():
-        pos += 1
-    return pos
 
 
 # -- margins ---------------------------------------------------------------------------------
@@ -567,40 +499,3 @@ class StructureResolver:
             base = self._evaluate(e.operand, use_map)
             return ring_mask(base, e.inner_mm, e.outer_mm, self.spacing_mm)
         raise ScorecardError(f"unknown structure expression node {e!r}")  # pragma: no cover
-
-
-def to_varian(expr: StructureExpr) -> str:
-    """Write an expression as a Varian ``StructureComment`` recipe, where it has one.
-
-    The recipe grammar is a left-to-right chain of ``{<ID>|margin_mm}`` operands, so only
-    chains whose right-hand operands are names (with an optional margin) can be written; a
-    ``ring`` becomes ``{<A>|outer} SUB {<A>|inner}``. Anything else raises ``ScorecardError``.
-    """
-    ops = {"+": "OR", "-": "SUB", "&": "AND"}
-
-    def leaf(e: StructureExpr) -> str | None:
-        margin = 0.0
-        if isinstance(e, Margin):
-            margin, e = e.margin_mm, e.operand
-        if isinstance(e, Keyword) and e.keyword == "body":
-            e = Name("Body")
-        if not isinstance(e, Name) or any(c in e.name for c in "<>{}|"):
-            return None
-        return f"{{<{e.name}>|{margin:g}}}" if margin else f"{{<{e.name}>}}"
-
-    def chain(e: StructureExpr) -> str | None:
-        if isinstance(e, Ring):
-            outer, inner = leaf(Margin(e.operand, e.outer_mm)), leaf(Margin(e.operand, e.inner_mm))
-            return None if outer is None or inner is None else f"{outer} SUB {inner}"
-        if isinstance(e, BinaryOp):
-            left, right = chain(e.left), leaf(e.right)
-            return None if left is None or right is None else f"{left} {ops[e.op]} {right}"
-        return leaf(e)
-
-    text = chain(expr)
-    if text is None:
-        raise ScorecardError(
-            f"structure expression {str(expr)!r} has no Varian StructureComment form (a "
-            "left-to-right chain of names with margins, combined by AND, OR, SUB)"
-        )
-    return text

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from dosegym.errors import ScorecardError
+from dosegym.scorecards.curve import piecewise_linear
 from dosegym.scorecards.metrics import MetricKind, MetricSpec
 from dosegym.scorecards.metrics_torch import compute_metric_torch
-from dosegym.scorecards.soft import piecewise_linear, soft_metric_torch, soft_piecewise_linear
+from dosegym.scorecards.soft import soft_metric_torch, soft_piecewise_linear
 
 DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
 PT_108 = DATA / "openkbp" / "train-pats" / "pt_108"

@@ -19,10 +19,9 @@ from dosegym.scorecards.structures import (
     contract_mask,
     expand_mask,
     parse_expression,
-    parse_varian,
     ring_mask,
-    to_varian,
 )
+from dosegym.scorecards.varian import parse_varian, to_varian
 
 
 def _ball(shape, spacing, center_mm, radius_mm):

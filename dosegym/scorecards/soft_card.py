@@ -1,0 +1,219 @@
+"""``SoftScorecard``: a bound card scored in torch, batched, on any device, and differentiable.
+
+One implementation for every torch consumer (``Scorecard.score_torch``, the Bandit's
+``soft_score``, GuidedDose's guidance, gradient-based agents). Doses are ``(B, Z, Y, X)`` in Gy
+on the bound case's grid. ``temperature`` (Gy) selects the metrics: ``None`` gives the exact
+ones (:func:`~dosegym.scorecards.metrics_torch.compute_metric_torch`, equal to numpy's
+``BoundScorecard.score``), a number the smooth ones (:func:`~dosegym.scorecards.soft.soft_metric_torch`).
+The structure masks are put on a device once per device and kept.
+
+The steps, each a method: :meth:`metrics` ``(B, n_items)`` (NaN for unmatched items) ->
+:meth:`points` (the items' piecewise-linear curves) -> :meth:`item_scores` (normalised to
+[0, 1]) or :meth:`total` (matched items only); :meth:`score` runs them with the input checks.
+
+Guidance (:meth:`group_directions`) does not ascend the scores themselves: a scoring curve is
+flat beyond its end points, so an item that earns nothing (or everything) would give no
+gradient. It ascends each item's curve extended linearly, ``slope_i * metric_i`` with
+``slope_i`` the curve's overall slope (score range over x range, :attr:`SoftScorecard.slopes`),
+which points the same way as the score and never goes flat; items are summed per objective
+group (:mod:`dosegym.scorecards.groups`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from dosegym.errors import ScorecardError
+from dosegym.scorecards.bound import BoundScorecard
+from dosegym.scorecards.groups import GROUP_NAMES, objective_group
+from dosegym.scorecards.metrics_torch import compute_metric_torch
+from dosegym.scorecards.soft import soft_metric_torch, soft_piecewise_linear
+
+Tensor = torch.Tensor
+
+
+class TorchScores(NamedTuple):
+    """Batched scores: ``total`` ``(B,)``, ``points`` ``(B, n_items)`` (NaN columns for
+    unmatched items, left out of ``total``), ``max_points`` ``(n_items,)``, ``matched``
+    ``(n_items,)`` bool."""
+
+    total: Tensor
+    points: Tensor
+    max_points: Tensor
+    matched: Tensor
+
+    @property
+    def normalised(self) -> Tensor:
+        """``total`` over the matched items' maximum, ``(B,)``."""
+        return self.total / self.max_points[self.matched].sum()
+
+
+class ItemTensors(NamedTuple):
+    """An item's resolved masks on a device: ``mask``, ``body`` (metrics that need it) and
+    ``occupancy`` (fractional, or ``None``)."""
+
+    mask: Tensor
+    body: Tensor | None
+    occupancy: Tensor | None
+
+
+def _on(a: np.ndarray | None, device: torch.device) -> Tensor | None:
+    return None if a is None else torch.from_numpy(np.ascontiguousarray(a)).to(device)
+
+
+class SoftScorecard:
+    """The torch scorer of one binding (see the module docstring).
+
+    ``matched`` ``(n_items,)`` bool; ``min_points`` / ``max_points`` / ``span`` (their
+    difference) per item; ``slopes``: each matched item's overall curve slope (0 for an
+    unmatched item or a curve without an x range); ``groups``: the items of each
+    :data:`~dosegym.scorecards.groups.GROUP_NAMES` group that guidance ascends (nonzero slope).
+    """
+
+    def __init__(self, bound: BoundScorecard) -> None:
+        self.bound = bound
+        self.items = bound.card.items
+        self.matched = np.array([r.mask is not None for r in bound.resolved], dtype=bool)
+        self.min_points = np.array([it.min_score for it in self.items])
+        self.max_points = np.array([it.max_score for it in self.items])
+        self.span = self.max_points - self.min_points
+        self.slopes = np.zeros(len(self.items))
+        self.groups: list[list[int]] = [[] for _ in GROUP_NAMES]
+        for i, item in enumerate(self.items):
+            xs, ys = item.curve
+            if not self.matched[i] or len(xs) < 2 or xs[-1] <= xs[0]:
+                continue
+            self.slopes[i] = (ys[-1] - ys[0]) / (xs[-1] - xs[0])
+            if self.slopes[i] != 0:
+                self.groups[objective_group(item.structure, bool(self.slopes[i] < 0), bound.case)].append(i)
+        self._tensors: dict[str, list[ItemTensors | None]] = {}
+        self._body: dict[str, Tensor | None] = {}
+
+    # -- masks on a device ------------------------------------------------------------------
+    def item_tensors(self, device: torch.device) -> list[ItemTensors | None]:
+        """Each item's masks on ``device`` (``None`` for unmatched items), made once."""
+        key = str(device)
+        if key not in self._tensors:
+            self._tensors[key] = [
+                None
+                if r.mask is None
+                else ItemTensors(_on(r.mask, device), _on(r.body, device), _on(r.occupancy, device))
+                for r in self.bound.resolved
+            ]
+        return self._tensors[key]
+
+    def body(self, device: torch.device) -> Tensor | None:
+        """The bound case's body mask on ``device`` (``None`` when the case has none), made once."""
+        key = str(device)
+        if key not in self._body:
+            self._body[key] = _on(self.bound.case.body, device)
+        return self._body[key]
+
+    # -- the steps of a score ---------------------------------------------------------------
+    def metrics(self, dose_gy: Tensor, *, temperature: float | None = None) -> Tensor:
+        """Metric values ``(B, n_items)`` of doses ``(B, Z, Y, X)`` (Gy) in each item's output
+        unit; exact when ``temperature`` is ``None``, else soft; NaN for unmatched items."""
+        case = self.bound.case
+        cols = []
+        for i, (item, t) in enumerate(zip(self.items, self.item_tensors(dose_gy.device))):
+            if t is None:
+                cols.append(
+                    torch.full((dose_gy.shape[0],), math.nan, dtype=dose_gy.dtype, device=dose_gy.device)
+                )
+                continue
+            kw = dict(
+                voxel_volume_cc=case.voxel_volume_cc,
+                rx_gy=self.bound.reference_gy,
+                body=t.body,
+                occupancy=t.occupancy,
+            )
+            try:
+                if temperature is None:
+                    value = compute_metric_torch(item.spec, dose_gy, t.mask, **kw)
+                else:
+                    value = soft_metric_torch(item.spec, dose_gy, t.mask, temperature=temperature, **kw)
+            except ScorecardError as exc:
+                raise ScorecardError(f"{item.describe(i)}: {exc}") from None
+            cols.append(value.to(dose_gy.dtype))
+        return torch.stack(cols, dim=1)
+
+    def points(self, metrics: Tensor) -> Tensor:
+        """Points ``(B, n_items)`` of metric values along each item's curve (NaN for unmatched)."""
+        cols = []
+        for i, item in enumerate(self.items):
+            if not self.matched[i]:
+                cols.append(torch.full_like(metrics[:, i], math.nan))
+                continue
+            xs, ys = item.curve
+            cols.append(soft_piecewise_linear(metrics[:, i], xs, ys).to(metrics.dtype))
+        return torch.stack(cols, dim=1)
+
+    def item_scores(self, points: Tensor) -> Tensor:
+        """Normalised item scores ``(points - min) / (max - min)`` in [0, 1], ``(B, n_items)``."""
+        lo = torch.as_tensor(self.min_points, dtype=points.dtype, device=points.device)
+        span = torch.as_tensor(self.span, dtype=points.dtype, device=points.device)
+        return (points - lo) / torch.where(span > 0, span, torch.ones_like(span))
+
+    def total(self, points: Tensor) -> Tensor:
+        """The card's total ``(B,)``: the sum of the matched items' points."""
+        matched = torch.as_tensor(self.matched, device=points.device)
+        return torch.where(matched, points, torch.zeros_like(points)).sum(dim=1)
+
+    def score(self, dose_gy: Tensor, *, temperature: float | None = None) -> TorchScores:
+        """Scores of ``dose_gy`` ``(B, Z, Y, X)`` (or ``(Z, Y, X)``, then without the batch
+        axis) in Gy. Raises ``ScorecardError`` for another grid, a NaN or infinite dose, or a
+        metric that is undefined (NaN)."""
+        if not isinstance(dose_gy, torch.Tensor):
+            raise ScorecardError(f"score_torch needs a torch tensor, got {type(dose_gy).__name__}")
+        shape = self.bound.case.grid.shape
+        dose = dose_gy if dose_gy.ndim == 4 else dose_gy.unsqueeze(0)
+        if dose.ndim != 4 or tuple(dose.shape[1:]) != shape:
+            raise ScorecardError(f"dose has shape {tuple(dose_gy.shape)}; need (B, *{shape}) in Gy")
+        if not bool(torch.isfinite(dose).all()):
+            raise ScorecardError("dose contains NaN or infinite values: refusing to score")
+        metrics = self.metrics(dose, temperature=temperature)
+        undefined = torch.isnan(metrics).any(dim=0).cpu().numpy() & self.matched
+        if undefined.any():
+            i = int(np.argmax(undefined))
+            raise ScorecardError(f"{self.items[i].describe(i)}: the metric is undefined (NaN)")
+        points = self.points(metrics)
+        total = self.total(points)
+        matched = torch.as_tensor(self.matched, device=dose.device)
+        max_points = torch.as_tensor(self.max_points, dtype=dose.dtype, device=dose.device)
+        if dose_gy.ndim == 3:
+            return TorchScores(total[0], points[0], max_points, matched)
+        return TorchScores(total, points, max_points, matched)
+
+    # -- guidance ---------------------------------------------------------------------------
+    def group_directions(
+        self, x: Tensor, dose_gy: Tensor, scored_gy: Tensor, *, temperature: float
+    ) -> tuple[Tensor, Tensor]:
+        """Ascent directions of each objective group with respect to ``x`` (a leaf tensor that
+        requires grad, batch 1), and item scores.
+
+        ``dose_gy`` ``(1, Z, Y, X)``: Gy computed from ``x`` (its graph kept; the gradient flows
+        through it); ``scored_gy`` ``(1, Z, Y, X)``: the dose whose normalised item scores are
+        returned (detached). Returns item scores ``(n_items,)`` and directions
+        ``(n_groups, *x.shape[1:])``, each scaled to a largest change of 1 (zero for empty
+        groups and where the objective is flat)."""
+        with torch.enable_grad():
+            # one batched evaluation: [dose_gy (for gradients), scored_gy (the scores)]
+            both = self.metrics(torch.cat([dose_gy, scored_gy]), temperature=temperature)
+            metrics = both[:1]
+            dirs = torch.zeros((len(GROUP_NAMES), *x.shape[1:]), dtype=x.dtype, device=x.device)
+            live = [g for g, idx in enumerate(self.groups) if idx]
+            for n, g in enumerate(live):
+                idx = self.groups[g]
+                slope = torch.as_tensor(self.slopes[idx], dtype=metrics.dtype, device=x.device)
+                objective = (metrics[0, idx] * slope).sum()
+                (grad,) = torch.autograd.grad(objective, x, retain_graph=n < len(live) - 1)
+                peak = grad.abs().max()
+                if float(peak) > 0:
+                    dirs[g] = (grad / peak)[0]
+        with torch.no_grad():
+            items = self.item_scores(self.points(both[1:].detach()))
+        return items[0], dirs
