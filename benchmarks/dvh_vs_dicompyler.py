@@ -40,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+from data_paths import PT_108
 from matplotlib.path import Path as Path2D
 from scipy import ndimage
 
@@ -47,8 +48,7 @@ import dosegym.data.dicom as dicom
 from dosegym.data import Case, Grid, read_case
 from dosegym.scorecards.dvh import DVHCache
 
-ROOT = Path(__file__).resolve().parents[1]
-CASE = ROOT / ".." / "shared" / "data" / "openkbp" / "train-pats" / "pt_108"
+CASE = PT_108
 STATS = ("D98", "D95", "D2")
 
 #: run inside the dicompyler-core venv: argv = RS, RD, JSON {name: roi number}; prints JSON

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from data_paths import PT_108
 
 from dosegym.diffusion import Any2Any, DosePolicy, PretrainConfig, load_pretrained
 from dosegym.diffusion.policy import shipped_checkpoint_dir
@@ -43,7 +44,7 @@ from dosegym.envs.denoise import DenoiseDoseEnv
 from dosegym.envs.vector import DenoiseDoseVectorEnv
 
 ROOT = Path(__file__).resolve().parents[1]
-PATIENT = ROOT / ".." / "shared" / "data" / "openkbp" / "train-pats" / "pt_108"
+PATIENT = PT_108
 
 
 def build_policy(config: Path, device: str) -> tuple[DosePolicy, str]:

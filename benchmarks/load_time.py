@@ -21,10 +21,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from data_paths import OPENKBP, OPENKBP_PATIENTS
+
 from dosegym.data import read_case, write_case
 
-ROOT = Path(__file__).resolve().parents[1]
-PATIENTS = ("train-pats/pt_108", "train-pats/pt_196", "validation-pats/pt_201")
+PATIENTS = OPENKBP_PATIENTS
 BASELINE = "openkbp-csv"
 EXTENSIONS = (".nii.gz", ".mha", ".nrrd")
 
@@ -62,7 +63,7 @@ def median_seconds(load: Callable[[], object], repeats: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--data", type=Path, default=ROOT / ".." / "shared" / "data" / "openkbp")
+    parser.add_argument("--data", type=Path, default=OPENKBP)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         results = [

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from data_paths import PT_108
 
 from dosegym.diffusion.config import PretrainConfig
 from dosegym.diffusion.model import Any2Any
@@ -29,7 +30,7 @@ from dosegym.diffusion.schedulers import make_scheduler
 from dosegym.diffusion.slots import SLOT_CHANNELS, ModelInput, collate, to_model
 
 REPO = Path(__file__).resolve().parents[1]
-CASE = REPO / ".." / "shared" / "data" / "openkbp" / "train-pats" / "pt_108"
+CASE = PT_108
 
 
 def timed(fn: Callable[[], object], repeats: int, device: torch.device) -> tuple[float, float]:

@@ -25,14 +25,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from data_paths import PT_108
 
 from dosegym.data import read_case
 from dosegym.scorecards.dvh import DVHCache
 from dosegym.scorecards.metrics import MetricKind, MetricSpec, compute_metric
 from dosegym.scorecards.metrics_torch import TorchDVHCache, compute_metric_torch
 
-ROOT = Path(__file__).resolve().parents[1]
-CASE = ROOT / ".." / "shared" / "data" / "openkbp" / "train-pats" / "pt_108"
+CASE = PT_108
 K = MetricKind
 
 #: (structure, spec): a 20-item card on the structures of pt_108

@@ -18,6 +18,7 @@ from dosegym.data.grid import Grid
 from dosegym.errors import DataError
 
 TARGET_PREFIXES = ("PTV", "CTV", "GTV", "ITV")
+#: Names of the body outline (compared by :func:`canonical_name`, see :func:`is_body_name`).
 BODY_NAMES = ("body", "external", "possible_dose_mask", "outline", "skin")
 
 #: Common synonyms of structure names, lower-case, mapped to a canonical name.
@@ -68,6 +69,15 @@ def canonical_name(name: str) -> str:
     """
     key = _squash(name)
     return _ALIASES_SQUASHED.get(key, key)
+
+
+_BODY_KEYS = frozenset(canonical_name(n) for n in BODY_NAMES)
+
+
+def is_body_name(name: str) -> bool:
+    """Whether structure ``name`` is the body outline (one of :data:`BODY_NAMES`, any case or
+    separators: ``BODY``, ``External``, ``Possible Dose Mask``)."""
+    return canonical_name(name) in _BODY_KEYS
 
 
 @dataclass(frozen=True)
@@ -257,7 +267,7 @@ class Case:
     def oars(self) -> list[str]:
         """Every structure that is neither a target nor the body."""
         targets = set(self.targets)
-        return [n for n in self.structures if n not in targets and n.strip().lower() not in BODY_NAMES]
+        return [n for n in self.structures if n not in targets and not is_body_name(n)]
 
     @property
     def max_prescription_gy(self) -> float | None:

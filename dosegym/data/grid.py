@@ -90,10 +90,6 @@ class Grid:
         """Positions in mm of voxel centres along one index axis (identity direction only)."""
         return self.origin_mm[axis] + np.arange(self.shape[axis]) * self.spacing_mm[axis]
 
-    def with_shape(self, shape, origin_mm=None) -> Grid:
-        """A grid with the same spacing and direction but another shape (and origin)."""
-        return Grid(tuple(shape), self.spacing_mm, origin_mm or self.origin_mm, self.direction)
-
     def to_dict(self) -> dict:
         return {
             "shape": list(self.shape),

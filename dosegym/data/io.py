@@ -19,7 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from dosegym.data.case import Case
+from dosegym.data.probe import is_dicom_file
+from dosegym.data.sites import PHANTOM_PREFIX
 from dosegym.errors import DataError
+
+# Until dosegym/data/dicom.py imports is_dicom_file from dosegym.data.probe (issue 16, lead):
+_is_dicom_file = is_dicom_file
 
 # format -> (module, reader function, writer function or None)
 _FORMATS: dict[str, tuple[str, str, str | None]] = {
@@ -27,7 +32,7 @@ _FORMATS: dict[str, tuple[str, str, str | None]] = {
     "nifti": ("dosegym.data.nifti", "read_nifti_folder", "write_nifti_folder"),
     "gdphmm": ("dosegym.data.gdphmm", "read_gdphmm", "write_gdphmm"),
     "dicom": ("dosegym.data.dicom", "read_dicom", "write_dicom_dose"),
-    "phantom": ("dosegym.data.phantoms", "read_phantom", "write_phantom"),
+    "phantom": ("dosegym.data.phantoms", "read_phantom", "write_phantom"),  # ids or files
 }
 
 
@@ -45,7 +50,7 @@ def _function(fmt: str, which: int) -> Callable[..., Any]:
 def detect_format(path: str | Path) -> str:
     """Name the format of ``path`` (see module docstring) or raise ``DataError``."""
     text = str(path)
-    if text.startswith("phantoms:"):
+    if text.startswith(PHANTOM_PREFIX + ":"):
         return "phantom"
     p = Path(path)
     if not p.exists():
@@ -83,7 +88,7 @@ def detect_format(path: str | Path) -> str:
         if "dosegym_phantom" in files:
             return "phantom"
         raise DataError(f"{p}: .npz of no known layout (keys {sorted(files)[:8]})")
-    if p.suffix.lower() == ".dcm" or _is_dicom_file(p):
+    if p.suffix.lower() == ".dcm" or is_dicom_file(p):
         return "dicom"
     raise DataError(f"{p}: unknown file type; supported: {sorted(_FORMATS)}")
 
@@ -92,17 +97,8 @@ def detect_format(path: str | Path) -> str:
 _OPENKBP_FILES = {"voxel_dimensions.csv", "possible_dose_mask.csv", "ct.csv", "dose.csv"}
 
 
-def _is_dicom_file(p: Path) -> bool:
-    try:
-        with open(p, "rb") as fh:
-            fh.seek(128)
-            return fh.read(4) == b"DICM"
-    except OSError:
-        return False
-
-
 def _has_dicom(folder: Path) -> bool:
-    return any(_is_dicom_file(c) for c in list(folder.iterdir())[:50] if c.is_file())
+    return any(is_dicom_file(c) for c in list(folder.iterdir())[:50] if c.is_file())
 
 
 def read_case(path: str | Path, format: str | None = None, **kwargs: Any) -> Case:

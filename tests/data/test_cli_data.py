@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from shared_data import PT_201, needs
 from typer.testing import CliRunner
 
 from dosegym.cli.main import app
@@ -14,10 +15,8 @@ from dosegym.data import read_case
 from dosegym.data.gdphmm import write_gdphmm
 from dosegym.data.nifti import write_nifti_folder
 
-PATIENT = (
-    Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "openkbp" / "validation-pats" / "pt_201"
-)
-needs_patient = pytest.mark.skipif(not PATIENT.is_dir(), reason=f"OpenKBP patient not found at {PATIENT}")
+PATIENT = PT_201
+needs_patient = needs(PATIENT)
 runner = CliRunner()
 
 

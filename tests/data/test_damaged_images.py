@@ -4,13 +4,13 @@ smaller dose. Real OpenKBP patient pt_108, written as images and then damaged he
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from shared_data import PT_108, need
 from typer.testing import CliRunner
 
 from dosegym.cli.main import app
@@ -25,17 +25,12 @@ from dosegym.data.nifti import (
 )
 from dosegym.errors import DataError
 
-PT_108 = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "openkbp" / "train-pats" / "pt_108"
 EXTS = (".nii.gz", ".nii", ".mha", ".nrrd")
 
 
 @pytest.fixture(scope="module")
 def case():
-    if not PT_108.is_dir():
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{PT_108} is missing; CI needs the shared OpenKBP data")
-        pytest.skip(f"{PT_108} not found")
-    return read_case(PT_108)
+    return read_case(need(PT_108))
 
 
 def write(array: np.ndarray, grid: Grid, path: Path, compress: bool = True) -> Path:

@@ -9,7 +9,6 @@ contours on the same planes; only the in-plane pixels differ.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import numpy as np
 import pydicom
 import pytest
 from dicom_fixtures import CT_GRID, SPHERE_RADIUS, dose_gy, patient_mm, write_test_set
+from shared_data import PT_108, need
 from typer.testing import CliRunner
 
 from dosegym.cli.main import app
@@ -24,8 +24,6 @@ from dosegym.data import Case, Grid, read_case
 from dosegym.data.dicom import read_dicom, write_dicom_case, write_rtdose, write_rtstruct
 from dosegym.errors import DataError
 from dosegym.scorecards import Scorecard, load_card
-
-PT_108 = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "openkbp" / "train-pats" / "pt_108"
 
 FINE = Grid((20, 30, 30), (2.5, 2.0, 2.0), (-25.0, -31.0, -30.0))
 CARD = """\
@@ -254,11 +252,7 @@ def test_score_scores_it(no_ct, on_dose, with_ct, tmp_path):
 
 def test_a_real_plan_without_ct_scores_as_with_it(tmp_path):
     """pt_108 as DICOM (its RTDOSE on the CT grid): without the CT, the same case and score."""
-    if not PT_108.is_dir():
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{PT_108} is missing; CI needs the shared OpenKBP data")
-        pytest.skip(f"{PT_108} not found")
-    full = write_dicom_case(read_case(PT_108), tmp_path / "full")
+    full = write_dicom_case(read_case(need(PT_108)), tmp_path / "full")
     with_ct = read_dicom(full)
     plan = _variant(full, tmp_path / "plan")
     case = read_dicom(plan)

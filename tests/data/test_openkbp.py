@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 from pathlib import Path
@@ -10,19 +9,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 from scipy import ndimage
+from shared_data import OPENKBP, OPENKBP_PATIENTS, needs
 
 from dosegym.data import Case, Prescription, read_case
 from dosegym.data.nifti import read_nifti_folder, write_nifti_folder
 from dosegym.data.openkbp import OPENKBP_OARS, from_zyx, read_openkbp
 from dosegym.errors import DataError
 
-OPENKBP = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "openkbp"
-PATIENTS = ["train-pats/pt_108", "train-pats/pt_196", "validation-pats/pt_201"]
+PATIENTS = list(OPENKBP_PATIENTS)
 
-pytestmark = pytest.mark.skipif(  # under CI the shared data must be there: the tests fail without it
-    not (OPENKBP / PATIENTS[0]).is_dir() and os.environ.get("CI") != "true",
-    reason=f"OpenKBP sample patients not found at {OPENKBP}",
-)
+pytestmark = needs(*(OPENKBP / p for p in PATIENTS))
 
 
 @pytest.fixture(scope="module", params=PATIENTS)

@@ -6,20 +6,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from shared_data import PT_108, PT_196, REPO, TRAIN_PATS, need
 
 from dosegym.diffusion.config import ModelConfig, PretrainConfig, UNetConfig
 from dosegym.diffusion.model import Any2Any
 from dosegym.diffusion.slots import ModelSpec
 
-REPO = Path(__file__).resolve().parents[2]
-OPENKBP = REPO / ".." / "shared" / "data" / "openkbp"
-TRAIN_PATS = OPENKBP / "train-pats"
 TINY_YAML = REPO / "configs" / "pretrain_tiny.yaml"
 
 
 def _need_openkbp() -> None:
-    if not (TRAIN_PATS / "pt_108").is_dir():
-        pytest.skip(f"OpenKBP sample patients not found at {TRAIN_PATS}")
+    need(PT_108)
 
 
 @pytest.fixture(scope="session")
@@ -28,15 +25,15 @@ def case():
     _need_openkbp()
     from dosegym.data import read_case
 
-    return read_case(TRAIN_PATS / "pt_108")
+    return read_case(PT_108)
 
 
 @pytest.fixture(scope="session")
 def case2():
-    _need_openkbp()
+    need(PT_108, PT_196)
     from dosegym.data import read_case
 
-    return read_case(TRAIN_PATS / "pt_196")
+    return read_case(PT_196)
 
 
 @pytest.fixture(scope="session")

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from conftest import TRAIN_PATS, tiny_pretrain_config
+from conftest import tiny_pretrain_config
 from safetensors.torch import load_file
+from shared_data import PT_108
 from typer.testing import CliRunner
 
 from dosegym.cli.main import app
@@ -90,7 +91,7 @@ def test_predict_writes_nifti_on_the_case_grid(trained, case, tmp_path):
     res, out = _run(
         "predict",
         "--case",
-        str(TRAIN_PATS / "pt_108"),
+        str(PT_108),
         "--checkpoint",
         str(root / "a" / "checkpoint"),
         "--steps",
@@ -154,7 +155,7 @@ def test_regression_objective_then_predict(cache_dir, tmp_path, case):
     res, out = _run(
         "predict",
         "--case",
-        str(TRAIN_PATS / "pt_108"),
+        str(PT_108),
         "--checkpoint",
         str(tmp_path / "reg" / "checkpoint"),
         "--out",

@@ -3,15 +3,11 @@ generated phantom anatomy."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
+from shared_data import PT_108, TRAIN_PATS, need
 
 from dosegym.diffusion import Any2Any, DosePolicy, ModelConfig, ModelSpec, UNetConfig
-
-REPO = Path(__file__).resolve().parents[2]
-TRAIN_PATS = REPO / ".." / "shared" / "data" / "openkbp" / "train-pats"
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -46,10 +42,7 @@ def tiny_policy() -> DosePolicy:
 @pytest.fixture(scope="session")
 def pt108() -> str:
     """Real OpenKBP patient folder (128^3, reference dose, 3 prescriptions)."""
-    path = TRAIN_PATS / "pt_108"
-    if not path.is_dir():
-        pytest.skip(f"OpenKBP sample patients not found at {TRAIN_PATS}")
-    return str(path)
+    return str(need(PT_108))
 
 
 @pytest.fixture(scope="session")

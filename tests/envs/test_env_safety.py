@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import copy
 import math
-import os
-from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
 import pytest
 import torch
+from shared_data import LUNG_JSON, need
 
 import dosegym  # noqa: F401
 from dosegym.diffusion import DosePolicy
@@ -20,19 +19,13 @@ from dosegym.envs.vector import DenoiseDoseVectorEnv
 from dosegym.errors import EnvError, ModelError
 from dosegym.scorecards import load_card
 
-LUNG_JSON = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "scorecards"
-LUNG_JSON = LUNG_JSON / "SC_Lung(60Gy)_2022MAAS_ExampleV2.json"
 HN = "phantoms:headneck/28"
 ENV_IDS = ("dosegym/DenoiseDose-v0", "dosegym/GuidedDose-v0", "dosegym/ScorecardBandit-v0")
 
 
 @pytest.fixture(scope="module")
 def lung_card() -> str:
-    if not LUNG_JSON.exists():
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"shared data {LUNG_JSON} is missing (CI=true)")
-        pytest.skip(f"shared data {LUNG_JSON} is not available")
-    return str(LUNG_JSON)
+    return str(need(LUNG_JSON))
 
 
 @pytest.fixture(scope="module")

@@ -4,11 +4,10 @@ share in ScoreReport and the CLI); rule 5: a card file in another encoding is a 
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import pytest
 from rich.console import Console
+from shared_data import LUNG_JSON, PT_108, need
 from typer.testing import CliRunner
 
 from dosegym.cli.main import app
@@ -17,29 +16,17 @@ from dosegym.errors import ScorecardError
 from dosegym.scorecards import ScoreReport, card_fit, load_card
 from dosegym.scorecards.fit import MIN_MATCHED_FRACTION
 
-DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
-LUNG_JSON = DATA / "scorecards" / "SC_Lung(60Gy)_2022MAAS_ExampleV2.json"
-PT_108 = DATA / "openkbp" / "train-pats" / "pt_108"
 runner = CliRunner()
-
-
-def shared(path: Path) -> Path:
-    """``path`` from ../shared/data: skipped when absent, a failure under ``CI=true``."""
-    if not path.exists():
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"shared data {path} is missing (CI=true)")
-        pytest.skip(f"shared data {path} is not available")
-    return path
 
 
 @pytest.fixture(scope="module")
 def lung_card():
-    return load_card(shared(LUNG_JSON))
+    return load_card(need(LUNG_JSON))
 
 
 @pytest.fixture(scope="module")
 def pt108():
-    return read_case(shared(PT_108))
+    return read_case(need(PT_108))
 
 
 @pytest.fixture(scope="module")

@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 from scipy import ndimage
+from shared_data import LUNG_JSON, PT_108, needs
 
 from dosegym.data import read_case
 from dosegym.data.phantoms import generate_anatomy
 from dosegym.errors import ScorecardError
 from dosegym.scorecards import ItemStatus, Scorecard, available_cards, load_card, read_maas
 
-DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
-PT_108 = DATA / "openkbp" / "train-pats" / "pt_108"
-LUNG_JSON = DATA / "scorecards" / "SC_Lung(60Gy)_2022MAAS_ExampleV2.json"
 CARDS = ["headneck_rtog", "lung_maas", "phantom_headneck", "phantom_lung", "phantom_prostate", "prostate"]
 
 
@@ -41,7 +37,7 @@ def test_every_card_loads_and_cites_its_sources(tmp_path):
         load_card("no_such_card")
 
 
-@pytest.mark.skipif(not LUNG_JSON.exists(), reason="shared/data/scorecards is not available")
+@needs(LUNG_JSON)
 def test_lung_maas_is_the_genuine_card_plus_a_mapping():
     card = load_card("lung_maas")
     genuine = read_maas(LUNG_JSON)
@@ -50,7 +46,7 @@ def test_lung_maas_is_the_genuine_card_plus_a_mapping():
     assert set(card.structure_map) == {"PTV", "TOTAL LUNG - GTV", "Ring_PTV", "BODY_RING"}
 
 
-@pytest.mark.skipif(not PT_108.exists(), reason="shared/data/openkbp is not available")
+@needs(PT_108)
 def test_headneck_rtog_on_a_real_openkbp_plan():
     case = read_case(PT_108)
     card = load_card("headneck_rtog")

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
+from shared_data import OPENKBP, OPENKBP_PATIENTS, need
 
 from dosegym.errors import ScorecardError
 from dosegym.scorecards.challenge import (
@@ -17,14 +16,12 @@ from dosegym.scorecards.challenge import (
     openkbp_scores,
 )
 
-OPENKBP = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "openkbp"
-PATIENTS = ("train-pats/pt_108", "train-pats/pt_196", "validation-pats/pt_201")
+PATIENTS = OPENKBP_PATIENTS
 
 
 @pytest.fixture(scope="module")
 def cases():
-    if not all((OPENKBP / p).is_dir() for p in PATIENTS):
-        pytest.skip(f"OpenKBP sample patients not found under {OPENKBP}")
+    need(*(OPENKBP / p for p in PATIENTS))
     from dosegym.data import read_case
 
     return [read_case(OPENKBP / p) for p in PATIENTS]

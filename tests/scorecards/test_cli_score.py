@@ -3,21 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 from scipy import ndimage
+from shared_data import PROSTATE_JSON, PT_108, needs
 from typer.testing import CliRunner
 
 from dosegym.cli.main import app
 from dosegym.data.phantoms import generate_anatomy, write_phantom
 from dosegym.scorecards import ScoreReport
 
-DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
-PT_108 = DATA / "openkbp" / "train-pats" / "pt_108"
-PROSTATE_JSON = DATA / "scorecards" / "SC_ProstateSBRT-ARTIA-V1.2(KBPModel).json"
 runner = CliRunner()
 
 
@@ -120,7 +117,7 @@ def test_dose_files_npy_and_images(lung, tmp_path):
     assert wrong.exit_code == 2 and "does not match the case grid" in words(wrong)
 
 
-@pytest.mark.skipif(not PT_108.exists(), reason="shared/data/openkbp is not available")
+@needs(PT_108)
 def test_score_a_real_openkbp_case(tmp_path):
     result = run("score", "--case", PT_108, "--card", "headneck_rtog", "--out", tmp_path / "r.json")
     assert result.exit_code == 0, result.output
@@ -170,7 +167,7 @@ def test_validate_lists_every_problem(tmp_path):
     assert good.exit_code == 0 and "OK" in good.output
 
 
-@pytest.mark.skipif(not PROSTATE_JSON.exists(), reason="shared/data/scorecards is not available")
+@needs(PROSTATE_JSON)
 def test_validate_maas_json_and_unsupported_recipes(tmp_path):
     result = run("score", "--validate", PROSTATE_JSON)
     assert result.exit_code == 0 and "36 items, maximum 246 points" in words(result)

@@ -3,21 +3,20 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 from scipy import ndimage
+from shared_data import LUNG_JSON, PROSTATE_JSON, needs
 
 from dosegym.data import Case, Grid, Prescription
 from dosegym.errors import ScorecardError
 from dosegym.scorecards import ItemStatus, Scorecard, ScorecardValidationError, read_maas, write_maas
 from dosegym.scorecards.maas import maas_dict
 
-DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "scorecards"
-LUNG = DATA / "SC_Lung(60Gy)_2022MAAS_ExampleV2.json"
-PROSTATE = DATA / "SC_ProstateSBRT-ARTIA-V1.2(KBPModel).json"
-needs_data = pytest.mark.skipif(not LUNG.exists(), reason="shared/data/scorecards is not available")
+LUNG = LUNG_JSON
+PROSTATE = PROSTATE_JSON
+needs_data = needs(LUNG, PROSTATE)
 
 
 def _ball(shape, spacing, center_mm, radius_mm):

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
+from shared_data import PT_108, need
 
 from dosegym.errors import ScorecardError
 from dosegym.scorecards.dvh import DVHCache, compute_dvh
 from dosegym.scorecards.metrics import MetricKind, MetricSpec, compute_metric
 
-DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
-PT_108 = DATA / "openkbp" / "train-pats" / "pt_108"
 VOX_CC = 0.008  # 2 mm voxels
 RX_GY = 60.0
 
@@ -143,8 +140,7 @@ def test_cache_gives_identical_values_and_refuses_another_dose(phantom):
 
 @pytest.fixture(scope="module")
 def pt108():
-    if not PT_108.is_dir():
-        pytest.skip(f"OpenKBP sample patient not found at {PT_108}")
+    need(PT_108)
     from dosegym.data import read_case
 
     return read_case(PT_108)

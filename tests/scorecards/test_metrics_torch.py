@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
+from shared_data import PT_108, need
 
 from dosegym.errors import ScorecardError
 from dosegym.scorecards.dvh import DVHCache
 from dosegym.scorecards.metrics import MetricKind, MetricSpec, compute_metric
 from dosegym.scorecards.metrics_torch import TorchDVHCache, compute_metric_torch
 
-DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
-PT_108 = DATA / "openkbp" / "train-pats" / "pt_108"
 K = MetricKind
 TOL_GY = 1e-4
 
@@ -74,8 +71,7 @@ def test_random_batch_matches_numpy_for_every_kind(with_occupancy):
 
 
 def test_real_openkbp_dose_matches_numpy():
-    if not PT_108.is_dir():
-        pytest.skip(f"OpenKBP sample patient not found at {PT_108}")
+    need(PT_108)
     from dosegym.data import read_case
 
     case = read_case(PT_108)

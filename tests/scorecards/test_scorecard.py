@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 from scipy import ndimage
+from shared_data import LUNG_JSON, needs
 
 from dosegym.data import Case, Grid, Prescription
 from dosegym.errors import ScorecardError
@@ -21,9 +20,6 @@ from dosegym.scorecards import (
     compute_metric,
     read_maas,
 )
-
-DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
-LUNG_JSON = DATA / "scorecards" / "SC_Lung(60Gy)_2022MAAS_ExampleV2.json"
 
 
 def _ball(shape, spacing, center_mm, radius_mm):
@@ -299,7 +295,7 @@ def test_rescaled_follows_planscorecard_rules():
         Scorecard.from_dict({"name": "x", "items": [_item()]}).rescaled(70, 35)
 
 
-@pytest.mark.skipif(not LUNG_JSON.exists(), reason="shared/data/scorecards is not available")
+@needs(LUNG_JSON)
 def test_rescaled_real_maas_card():
     card = read_maas(LUNG_JSON)
     new = card.rescaled(66.0, 33)

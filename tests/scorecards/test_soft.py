@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
+from shared_data import PT_108, need
 
 from dosegym.errors import ScorecardError
 from dosegym.scorecards.curve import piecewise_linear
@@ -14,16 +13,13 @@ from dosegym.scorecards.metrics import MetricKind, MetricSpec
 from dosegym.scorecards.metrics_torch import compute_metric_torch
 from dosegym.scorecards.soft import soft_metric_torch, soft_piecewise_linear
 
-DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
-PT_108 = DATA / "openkbp" / "train-pats" / "pt_108"
 K = MetricKind
 TAUS = (1.0, 0.3, 0.1, 0.03)
 
 
 @pytest.fixture(scope="module")
 def ptv70():
-    if not PT_108.is_dir():
-        pytest.skip(f"OpenKBP sample patient not found at {PT_108}")
+    need(PT_108)
     from dosegym.data import read_case
 
     case = read_case(PT_108)
