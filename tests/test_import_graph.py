@@ -48,10 +48,6 @@ KNOWN_VIOLATIONS: set[str] = {
     # _is_dicom_file``) while io dispatches to dicom; fix: dicom imports ``is_dicom_file`` from
     # dosegym.data.probe, and io.py drops its ``_is_dicom_file`` alias.
     "import circle: dosegym.data.dicom -> dosegym.data.io -> dosegym.data.dicom",
-    # scorecard <-> report (ItemStatus) and scorecard <-> maas (load_card / read_maas), through
-    # imports inside functions; fix: the scorecard package split of issue 16 (branch i16-scorecards).
-    "import circle: dosegym.scorecards.maas -> dosegym.scorecards.scorecard -> dosegym.scorecards.maas",
-    "import circle: dosegym.scorecards.report -> dosegym.scorecards.scorecard -> dosegym.scorecards.report",
 }
 
 

@@ -50,8 +50,7 @@ def _read_dose(path: Path, case) -> np.ndarray:
 
 
 def _validate(card_ref: str) -> None:
-    from dosegym.scorecards import load_card
-    from dosegym.scorecards.scorecard import ScorecardValidationError
+    from dosegym.scorecards import ScorecardValidationError, load_card
 
     try:
         card = load_card(card_ref)

@@ -27,7 +27,7 @@ from dosegym.data.case import Case
 from dosegym.errors import ScorecardError
 from dosegym.scorecards.bound import BoundScorecard
 from dosegym.scorecards.report import ScoreReport
-from dosegym.scorecards.schema import CardSchema, ScorecardValidationError  # noqa: F401  (cli.score)
+from dosegym.scorecards.schema import CardSchema
 
 #: how many cases a card keeps bound (masks resolved) for ``score`` / ``score_torch``
 BIND_CACHE_SIZE = 4
