@@ -32,7 +32,7 @@ from typer.testing import CliRunner
 
 from dosegym.cli.main import app
 from dosegym.data import Beams, Case, Grid, read_case, write_case
-from dosegym.data._raster import fill_polygons, plane_contours, select_planes
+from dosegym.data.dicom.raster import fill_polygons, plane_contours, select_planes
 from dosegym.data.dicom import (
     read_dicom,
     read_rtdose,
