@@ -90,6 +90,9 @@ def lr_factor(step: int, cfg: PretrainConfig) -> float:
 
 @dataclass
 class TrainResult:
+    """What a run did: last step, its loss, the checkpoint folder, seconds, cases and whether
+    this process is the main one (the one that wrote)."""
+
     step: int
     loss: float
     checkpoint: Path

@@ -43,6 +43,7 @@ class Refs:
 
 
 def read_references(folder: str | Path) -> Refs:
+    """The references of a new RT object to the CT series (and RTSTRUCT/RTPLAN) in ``folder``."""
     folder = Path(folder)
     found = scan(folder, pixels=False)
     struct = only_one(found.rtstruct, "RTSTRUCT", folder)
@@ -74,10 +75,12 @@ def read_references(folder: str | Path) -> Refs:
 
 
 def ds_text(value: float) -> str:
+    """``value`` as a DICOM decimal string (DS, at most 16 characters)."""
     return format_number_as_ds(float(value))
 
 
 def new_dataset(sop_class: str, modality: str, refs: Refs, series_description: str) -> Dataset:
+    """A new dataset of ``sop_class`` with fresh UIDs and the patient, study and frame of ``refs``."""
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = sop_class
     meta.MediaStorageSOPInstanceUID = generate_uid()
@@ -104,6 +107,7 @@ def new_dataset(sop_class: str, modality: str, refs: Refs, series_description: s
 
 
 def save_dataset(ds: Dataset, path: Path) -> Path:
+    """Write ``ds`` to ``path`` atomically (DICOM file format); returns ``path``."""
     with atomic_path(path) as tmp:
         ds.save_as(tmp, enforce_file_format=True)
     return path

@@ -88,6 +88,7 @@ def scan(folder: Path, *, pixels: bool) -> Folder:
 
 
 def only_one(items: list[tuple[Path, Dataset]], kind: str, folder: Path) -> tuple[Path, Dataset] | None:
+    """The one file of ``kind`` (``None`` if there is none); several raise ``DataError``."""
     if len(items) > 1:
         names = ", ".join(p.name for p, _ in items)
         raise DataError(f"{folder}: several {kind} files ({names}); keep exactly one per case")
@@ -104,6 +105,7 @@ def _referenced_series(rtstruct: Dataset) -> set[str]:
 
 
 def pick_ct(found: Folder, rtstruct: Dataset | None) -> list[tuple[Path, Dataset]]:
+    """The CT series of the folder: the only one, else the one ``rtstruct`` references."""
     if not found.ct:
         seen = ", ".join(sorted(p.name for p, _ in found.rtstruct + found.rtdose + found.rtplan))
         raise DataError(
@@ -133,10 +135,12 @@ def read_one(path: str | Path, modality: str, *, pixels: bool) -> tuple[Path, Da
 
 
 def header_keywords(ds: Dataset, keywords: Sequence[str]) -> dict[str, str]:
+    """The values of ``keywords`` in ``ds`` as strings (``""`` where missing)."""
     return {k: str(ds.get(k, "") or "") for k in keywords}
 
 
 def header_floats(ds: Dataset, keyword: str, n: int, path: Path) -> np.ndarray:
+    """``n`` finite numbers from ``ds.<keyword>`` (float64), else ``DataError`` naming ``path``."""
     value = ds.get(keyword)
     try:
         arr = np.asarray([float(v) for v in value], dtype=np.float64)
@@ -148,6 +152,7 @@ def header_floats(ds: Dataset, keyword: str, n: int, path: Path) -> np.ndarray:
 
 
 def header_cosines(ds: Dataset, path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Row and column cosines (LPS unit vectors, made orthogonal) of ``ImageOrientationPatient``."""
     iop = header_floats(ds, "ImageOrientationPatient", 6, path)
     r, c = iop[:3], iop[3:]
     if min(np.linalg.norm(r), np.linalg.norm(c)) < 0.5 or abs(np.dot(r, c)) > 1e-3:
@@ -157,9 +162,8 @@ def header_cosines(ds: Dataset, path: Path) -> tuple[np.ndarray, np.ndarray]:
     return r, c / np.linalg.norm(c)
 
 
-def check_frame(
-    ds: Dataset, path: Path, uids: set[str], frame_of_reference_uid: str, owner: str = "the CT's"
-) -> None:
+def check_frame(path: Path, uids: set[str], frame_of_reference_uid: str, owner: str = "the CT's") -> None:
+    """Raise ``DataError`` when ``uids`` name a frame of reference other than ``frame_of_reference_uid``."""
     others = sorted(u for u in uids if u and u != frame_of_reference_uid)
     if others:
         raise DataError(

@@ -80,7 +80,7 @@ def read_dicom(path: str | Path, grid: GridMode = "auto", supersample: int = 4) 
     frame_uid = str((ct.first if ct.first is not None else doses[0][1]).get("FrameOfReferenceUID", ""))
     for p, ds in doses + ([plan] if plan else []):
         if "FrameOfReferenceUID" in ds:
-            check_frame(ds, p, {str(ds.FrameOfReferenceUID)}, frame_uid, frame_owner)
+            check_frame(p, {str(ds.FrameOfReferenceUID)}, frame_uid, frame_owner)
     dose_stacks = [dose_stack(ds, p) for p, ds in doses]
     chosen = case_grid(grid, on_ct, problem, ct, doses, dose_stacks, planar)
     dose, dose_notes = total_dose(folder, doses, dose_stacks, plan, chosen.grid, chosen.first_dose)

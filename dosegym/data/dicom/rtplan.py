@@ -138,6 +138,7 @@ def treatment_beams(plan: Dataset) -> int:
 
 
 def pick_plan(found: Folder, doses: list[tuple[Path, Dataset]]) -> tuple[Path, Dataset] | None:
+    """The RTPLAN of the folder: the only one, else the one the doses reference."""
     if len(found.rtplan) <= 1:
         return found.rtplan[0] if found.rtplan else None
     wanted = {

@@ -39,6 +39,7 @@ class Roi:
 
 
 def newell_normal(points: np.ndarray) -> np.ndarray:
+    """The (unnormalised) normal of a planar polygon ``(N, 3)`` by Newell's method."""
     nxt = np.roll(points, -1, axis=0)
     normal = np.array(
         [
@@ -169,7 +170,7 @@ def rtstruct_rois(
         names[number] = str(item.get("ROIName", "") or f"ROI{number}").strip()
         frames.add(str(item.get("ReferencedFrameOfReferenceUID", "")))
     if frame_of_reference_uid is not None:
-        check_frame(ds, path, frames, frame_of_reference_uid, frame_owner)
+        check_frame(path, frames, frame_of_reference_uid, frame_owner)
     types = {
         _int(o, "ReferencedROINumber", f"{path}: RTROIObservationsSequence[{i}]"): str(
             o.get("RTROIInterpretedType", "") or ""
@@ -233,6 +234,7 @@ def read_rtstruct(
 
 
 def check_supersample(value: int) -> int:
+    """``value`` if it is an integer in 1..32 (scanlines per voxel row), else ``DataError``."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 1 <= value <= 32:
         raise DataError(f"supersample must be an integer in 1..32, got {value!r}")
     return int(value)
@@ -243,10 +245,12 @@ def check_supersample(value: int) -> int:
 
 
 def is_body(roi: Roi) -> bool:
+    """Whether the ROI is typed ``EXTERNAL``."""
     return roi.interpreted_type == "EXTERNAL"
 
 
 def is_target(roi: Roi) -> bool:
+    """Whether the ROI is a target: typed PTV/CTV/GTV or named with a target prefix."""
     typed = roi.interpreted_type in ("PTV", "CTV", "GTV")
     return typed or roi.name.strip().upper().startswith(TARGET_PREFIXES)
 

@@ -163,10 +163,12 @@ def canonical_grid(grid: Grid) -> tuple[Grid, tuple[int, int, int], tuple[int, .
 
 
 def reorient(arr: np.ndarray, order: tuple[int, int, int], flips: tuple[int, ...]) -> np.ndarray:
+    """``arr`` with the axes of :func:`canonical_grid`: transposed by ``order``, flipped on ``flips``."""
     return np.ascontiguousarray(np.flip(np.transpose(arr, order), axis=flips))
 
 
 def pixel_array(ds: Dataset, path: Path) -> np.ndarray:
+    """The decoded pixels of ``ds``; a decoder failure is a ``DataError`` naming ``path``."""
     try:
         return np.asarray(ds.pixel_array)
     except Exception as exc:  # noqa: BLE001 - decoders raise many types
@@ -174,6 +176,7 @@ def pixel_array(ds: Dataset, path: Path) -> np.ndarray:
 
 
 def slice_thickness(ds: Dataset) -> float | None:
+    """``SliceThickness`` (mm) when present and positive, else ``None``."""
     value = ds.get("SliceThickness")
     try:
         return float(value) if value not in (None, "") and float(value) > 0 else None

@@ -25,6 +25,7 @@ _ROI_COLOURS = (
 
 
 def roi_type(name: str) -> str:
+    """``RTROIInterpretedType`` from a structure name: PTV/CTV/GTV, EXTERNAL for the body, else OAR."""
     upper = name.strip().upper()
     for prefix, kind in (("PTV", "PTV"), ("CTV", "CTV"), ("ITV", "CTV"), ("GTV", "GTV")):
         if upper.startswith(prefix):
