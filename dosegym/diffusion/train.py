@@ -136,11 +136,8 @@ def pretrain(
             record = {"count": len(cases), "cases": [c.label for c in cases]}
             (tmp / DATA_RECORD).write_text(json_text(record, indent=1))
     stop = min(cfg.train.steps, until) if until is not None else cfg.train.steps
-    t0 = time.perf_counter()
-    loss = _train_steps(cfg, out, accelerator, model, ema, optimizer, cases, start, stop, progress)
-    return TrainResult(
-        stop, loss, ckpt_dir, time.perf_counter() - t0, len(cases), accelerator.is_main_process
-    )
+    loss, seconds = _train_steps(cfg, out, accelerator, model, ema, optimizer, cases, start, stop, progress)
+    return TrainResult(stop, loss, ckpt_dir, seconds, len(cases), accelerator.is_main_process)
 
 
 def _check_run_folder(out: Path, ckpt_dir: Path, resume: bool, until: int | None) -> None:
@@ -245,9 +242,10 @@ def _train_steps(
     start: int,
     stop: int,
     progress: bool,
-) -> float:
+) -> tuple[float, float]:
     """Steps ``start`` .. ``stop - 1``: log, checkpoint every ``checkpoint_every`` steps and at
-    ``stop``; a non-finite loss or gradient stops with ``ModelError``. Returns the last loss."""
+    ``stop``; a non-finite loss or gradient stops with ``ModelError``. Returns the last loss
+    and the seconds the steps took."""
     from torch.utils.tensorboard import SummaryWriter
     from tqdm.auto import tqdm
 
@@ -261,6 +259,7 @@ def _train_steps(
     noise_sched = make_scheduler("ddpm", model_config.diffusion)
     cond_slots = torch.tensor([s != spec.generate for s in spec.slots])
     writer = SummaryWriter(str(out / "tb")) if main else None
+    t0 = time.perf_counter()
     loss_value = float("nan")
     last_saved = start if start > 0 else None
     bar = tqdm(
@@ -309,7 +308,7 @@ def _train_steps(
     bar.close()
     if writer is not None:
         writer.close()
-    return loss_value
+    return loss_value, time.perf_counter() - t0
 
 
 def _save(
