@@ -7,7 +7,8 @@ Runs on a machine that has the training cache only (``scripts/gpu_transport.py u
 the source data. Both models get the same budget, ``STEPS`` steps of the config's batch, with
 the same model, data and seed (the budget in steps is what the CPU comparison uses too). Each
 run goes in four resumed quarters, with a timestamped line after each, so that a run cut off
-by its time limit still says how far it got and at what speed.
+by its time limit still says how far it got and at what speed. The carried cases reach
+``pretrain`` through its ``sources`` argument (``carried_cases``), held in memory.
 """
 
 from __future__ import annotations
@@ -26,28 +27,29 @@ from gpu_transport import unpack  # noqa: E402
 
 from dosegym.diffusion import train  # noqa: E402
 from dosegym.diffusion.config import PretrainConfig  # noqa: E402
+from dosegym.diffusion.train_data import MemoryCase, build_cache  # noqa: E402
 
 
-def _sources_from_transport(cfg: PretrainConfig):
-    index = json.loads((train.cache_root(cfg) / "transport_index.json").read_text())
+def carried_cases(config: str, transport: str) -> list[MemoryCase]:
+    """The training cases of the carried cache, unpacked and held in memory: the cache is read
+    from disk once, not at every step."""
+    cfg = PretrainConfig.from_yaml(config)
+    cached = build_cache(cfg, unpack(config, transport), progress=False)
+    return [MemoryCase(c.key, c.label, c.model_input(cfg.model.spec)) for c in cached]
 
-    def missing(label: str):
-        raise RuntimeError(f"{label}: the source is not on this machine; only its cache is")
 
-    return [train.SourceCase(k, lbl, lambda lbl=lbl: missing(lbl), stamp) for k, lbl, stamp in index]
-
-
-def _preload_cases() -> None:
-    """Keep every case's model input in memory: the cache is read from disk once, not per step."""
-    original = train.CachedCase.model_input
-    memo: dict = {}
-
-    def model_input(self, spec):
-        if self.key not in memo:
-            memo[self.key] = original(self, spec)
-        return memo[self.key]
-
-    train.CachedCase.model_input = model_input
+def run_config(base: PretrainConfig, objective: str, steps: int) -> PretrainConfig:
+    """``base`` for one objective and a budget of ``steps`` (checkpoints each quarter)."""
+    tc = base.train.model_copy(
+        update={
+            "steps": steps,
+            "warmup_steps": min(base.train.warmup_steps, steps // 10),
+            "checkpoint_every": max(steps // 4, 1),
+        }
+    )
+    return base.model_copy(
+        update={"model": base.model.model_copy(update={"objective": objective}), "train": tc}
+    )
 
 
 def main() -> None:
@@ -64,22 +66,21 @@ def main() -> None:
     def log(message: str) -> None:
         print(f"[{time.perf_counter() - t_start:7.1f} s] {message}", flush=True)
 
-    unpack(config, transport)
+    cases = carried_cases(config, transport)
     log("cache unpacked")
-    train.training_sources = _sources_from_transport
-    _preload_cases()
     base = PretrainConfig.from_yaml(config)
-    base.train.steps = steps
-    base.train.warmup_steps = min(base.train.warmup_steps, steps // 10)
-    base.train.checkpoint_every = max(steps // 4, 1)
     summary = {}
     for objective in ("diffusion", "regression"):
-        cfg = base.model_copy(deep=True)
-        cfg.model.objective = objective
+        cfg = run_config(base, objective, steps)
         t0 = time.perf_counter()
         for quarter in range(1, 5):
             res = train.pretrain(
-                cfg, out_dir / objective, resume=quarter > 1, until=steps * quarter // 4, progress=False
+                cfg,
+                out_dir / objective,
+                resume=quarter > 1,
+                until=steps * quarter // 4,
+                progress=False,
+                sources=cases,
             )
             log(f"{objective}: step {res.step}/{steps}, loss {res.loss:.4f}")
         seconds = time.perf_counter() - t0

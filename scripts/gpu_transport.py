@@ -4,12 +4,12 @@
     python scripts/gpu_transport.py pack CONFIG.yaml OUT.npz     # here: preprocess, quantise, pack
     python scripts/gpu_transport.py unpack CONFIG.yaml IN.npz    # there: write the training cache
 
-``pack`` builds the ordinary training cache (``dosegym.diffusion.train.build_cache``) and packs
+``pack`` builds the ordinary training cache (``dosegym.diffusion.train_data.build_cache``) and packs
 every case into one compressed file: binary channels as bits, channels of at most 256 distinct
 values exactly as uint8 indices, the dose quantised to uint16 over its range (error <= range /
 131070, about 0.001 Gy at 70 Gy), the remaining conditions (CT, beam plate) to uint8. ``unpack``
-writes the cache files with the same keys and stamps so that ``pretrain`` finds them and never
-needs the source data (which does not travel).
+writes the cache files with the same keys and stamps and returns the cases as sources for
+``pretrain(..., sources=...)``, which then never needs the source data (it does not travel).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def _span(slot: tuple[int, int] | None) -> tuple[int, int]:
 
 def pack(config: str, out: str) -> None:
     from dosegym.diffusion.config import PretrainConfig
-    from dosegym.diffusion.train import build_cache, training_sources
+    from dosegym.diffusion.train_data import build_cache, training_sources
 
     cfg = PretrainConfig.from_yaml(config)
     sources = training_sources(cfg)
@@ -68,9 +68,12 @@ def pack(config: str, out: str) -> None:
     print(f"packed {len(index)} cases into {out} ({Path(out).stat().st_size / 2**20:.1f} MiB)")
 
 
-def unpack(config: str, src: str) -> None:
+def unpack(config: str, src: str) -> list:
+    """Write the training cache of ``config`` from ``src``; returns its cases as
+    ``SourceCase`` items (same keys, labels and stamps) that load nothing: the source data is
+    not on this machine, and ``build_cache`` finds every case already cached."""
     from dosegym.diffusion.config import PretrainConfig
-    from dosegym.diffusion.train import cache_root
+    from dosegym.diffusion.train_data import SourceCase, cache_root
 
     cfg = PretrainConfig.from_yaml(config)
     root = cache_root(cfg)
@@ -97,10 +100,14 @@ def unpack(config: str, src: str) -> None:
                 "rx_max_gy": e["rx_max_gy"],
             }
             (root / f"{e['key']}.json").write_text(json.dumps(meta) + "\n")
-    (root / "transport_index.json").write_text(
-        json.dumps([(e["key"], e["label"], e["stamp"]) for e in index])
-    )
     print(f"unpacked {len(index)} cases into {root}")
+    return [
+        SourceCase(e["key"], e["label"], lambda label=e["label"]: _not_here(label), e["stamp"]) for e in index
+    ]
+
+
+def _not_here(label: str):
+    raise RuntimeError(f"{label}: the source is not on this machine; only its cache is")
 
 
 if __name__ == "__main__":

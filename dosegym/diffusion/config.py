@@ -3,6 +3,12 @@
 ``PretrainConfig`` = ``model`` (:class:`ModelConfig`: slots/grid, backbone, diffusion,
 objective) + ``data`` (:class:`DataConfig`) + ``train`` (:class:`TrainConfig`). A checkpoint
 stores the ``ModelConfig`` (JSON) beside its weights.
+
+The field defaults are generic starting points, not a measured recipe (a checkpoint stores
+every field, so they never change a trained model). The recipe is a file:
+``configs/pretrain_shipped.yaml``, the run that produced the shipped checkpoint, is the base
+of the other configs, which state only how they differ from it (``base:``, see
+:meth:`PretrainConfig.from_yaml`).
 """
 
 from __future__ import annotations
@@ -202,15 +208,45 @@ class PretrainConfig(_Config):
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> PretrainConfig:
-        """Read and validate a YAML config; errors name the file and the field."""
+        """Read and validate a YAML config; errors name the file and the field.
+
+        A top-level ``base: OTHER.yaml`` (a path relative to this file) reads that config
+        first, then applies this file's keys over it: mappings merge key by key, any other
+        value (a list too) replaces the base's, ``null`` sets ``None``. A base may have a
+        base. ``to_yaml`` writes the resolved config, without ``base``.
+        """
         p = Path(path)
-        try:
-            doc = yaml.safe_load(p.read_text())
-        except OSError as exc:
-            raise ModelError(f"{p}: cannot read config ({exc.strerror})") from exc
-        except yaml.YAMLError as exc:
-            raise ModelError(f"{p}: not valid YAML ({exc})") from exc
-        return parse_config(cls, doc or {}, str(p))
+        return parse_config(cls, _resolved_yaml(p, ()), str(p))
+
+
+def _resolved_yaml(path: Path, seen: tuple[Path, ...]) -> Any:
+    """The document of ``path`` with its ``base`` chain applied (see ``PretrainConfig.from_yaml``)."""
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ModelError(f"{path}: cannot read config ({exc.strerror})") from exc
+    except yaml.YAMLError as exc:
+        raise ModelError(f"{path}: not valid YAML ({exc})") from exc
+    doc = doc or {}
+    if not isinstance(doc, dict) or "base" not in doc:
+        return doc
+    base = doc.pop("base")
+    if not isinstance(base, str) or not base:
+        raise ModelError(f"{path}: base must be the path of another YAML config, got {base!r}")
+    base_path = path.parent / base
+    if base_path.resolve() in seen or base_path.resolve() == path.resolve():
+        chain = " -> ".join(str(s) for s in (*seen, path.resolve(), base_path.resolve()))
+        raise ModelError(f"{path}: base {base!r} makes a circle ({chain}); a base cannot include itself")
+    return _merged(_resolved_yaml(base_path, (*seen, path.resolve())), doc)
+
+
+def _merged(base: Any, over: dict) -> dict:
+    """``over`` applied to ``base``: mappings merge key by key, other values replace."""
+    out = dict(base) if isinstance(base, dict) else {}
+    for key, value in over.items():
+        both = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = _merged(out[key], value) if both else value
+    return out
 
 
 def parse_config(cls: type[BaseModel], doc: Any, where: str) -> Any:

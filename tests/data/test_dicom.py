@@ -32,7 +32,6 @@ from typer.testing import CliRunner
 
 from dosegym.cli.main import app
 from dosegym.data import Beams, Case, Grid, read_case, write_case
-from dosegym.data._raster import fill_polygons, plane_contours, select_planes
 from dosegym.data.dicom import (
     read_dicom,
     read_rtdose,
@@ -42,6 +41,7 @@ from dosegym.data.dicom import (
     write_rtdose,
     write_rtstruct,
 )
+from dosegym.data.dicom.raster import fill_polygons, plane_contours, select_planes
 from dosegym.errors import DataError
 
 

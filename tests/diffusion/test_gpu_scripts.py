@@ -15,7 +15,9 @@ import pytest
 from conftest import REPO, tiny_pretrain_config
 from safetensors.torch import load_file
 
-from dosegym.diffusion import train
+from dosegym.diffusion import train, train_data
+from dosegym.diffusion.config import PretrainConfig
+from dosegym.diffusion.train_data import CachedCase, MemoryCase
 
 
 def _script(name: str) -> ModuleType:
@@ -43,10 +45,10 @@ def packed(tmp_path_factory):
 def test_transport_unpacks_to_the_training_cache(packed):
     root, here, there = packed
     _script("gpu_transport").unpack(str(root / "there.yaml"), str(root / "train.npz"))
-    originals = sorted(train.cache_root(here).glob("*.npy"))
+    originals = sorted(train_data.cache_root(here).glob("*.npy"))
     assert len(originals) == 2
     for original in originals:
-        copy = train.cache_root(there) / original.name
+        copy = train_data.cache_root(there) / original.name
         a, b = np.load(original).astype(np.float32), np.load(copy).astype(np.float32)
         assert a.shape == b.shape
         meta_a = json.loads(original.with_suffix(".json").read_text())
@@ -66,14 +68,14 @@ def test_transport_unpacks_to_the_training_cache(packed):
 
 def test_gpu_pretrain_trains_both_objectives_from_the_transport_alone(packed, tmp_path, monkeypatch):
     root, _, there = packed
-    # the driver swaps the data source and memoises inputs; restore both after the test
-    monkeypatch.setattr(train, "training_sources", train.training_sources)
-    monkeypatch.setattr(train.CachedCase, "model_input", train.CachedCase.model_input)
     monkeypatch.syspath_prepend(str(REPO / "scripts"))
     out, export = tmp_path / "runs", tmp_path / "export"
     argv = ["gpu_pretrain.py", str(root / "there.yaml"), str(root / "train.npz"), str(out), "4", str(export)]
     monkeypatch.setattr(sys, "argv", argv)
+    model_input = CachedCase.model_input
+    monkeypatch.setattr(train_data, "training_sources", None)  # not called: the cache comes as sources
     _script("gpu_pretrain").main()
+    assert CachedCase.model_input is model_input  # nothing patched
 
     summary = json.loads((out / "gpu_summary.json").read_text())
     for objective in ("diffusion", "regression"):
@@ -89,3 +91,49 @@ def test_gpu_pretrain_trains_both_objectives_from_the_transport_alone(packed, tm
         for key, value in weights.items():
             np.testing.assert_allclose(exported[key].float().numpy(), value.numpy(), rtol=1e-3, atol=1e-4)
     assert json.loads((export / "regression_config.json").read_text())["model"]["objective"] == "regression"
+
+
+def test_gpu_pretrain_passes_the_carried_cache_through_the_sources_seam(packed, tmp_path, monkeypatch):
+    """The script hands ``pretrain`` the unpacked cases (in memory) as ``sources``: it never asks
+    for the configured sources (absent on the GPU machine) and leaves the configs it read as
+    they were."""
+    root, _, there = packed
+
+    def no_sources(cfg):
+        raise AssertionError("gpu_pretrain must pass its data through pretrain(sources=...)")
+
+    calls = []
+
+    def spy(cfg, out_dir, resume=False, until=None, progress=True, *, sources=None):
+        calls.append((cfg, until, sources))
+        out_dir.mkdir(parents=True, exist_ok=True)
+        return train.TrainResult(until, 0.5, out_dir / train.CHECKPOINT_DIR, 0.0, len(sources))
+
+    read = []
+    from_yaml = PretrainConfig.from_yaml.__func__
+
+    def reading(cls, path):
+        read.append(from_yaml(cls, path))
+        return read[-1]
+
+    monkeypatch.setattr(PretrainConfig, "from_yaml", classmethod(reading))
+    monkeypatch.setattr(train_data, "training_sources", no_sources)
+    monkeypatch.setattr(train, "pretrain", spy)
+    monkeypatch.syspath_prepend(str(REPO / "scripts"))
+    out = tmp_path / "runs"
+    argv = ["gpu_pretrain.py", str(root / "there.yaml"), str(root / "train.npz"), str(out), "8"]
+    monkeypatch.setattr(sys, "argv", argv)
+    _script("gpu_pretrain").main()
+
+    assert [(c.model.objective, until) for c, until, _ in calls] == [
+        (objective, until) for objective in ("diffusion", "regression") for until in (2, 4, 6, 8)
+    ]
+    sources = calls[0][2]
+    assert all(s is sources for _, _, s in calls)  # unpacked once, read from disk once
+    assert [type(s) for s in sources] == [MemoryCase, MemoryCase]
+    assert len({s.label for s in sources}) == 2
+    assert all(s.label.startswith("openkbp:train-pats/") for s in sources)
+    cfg = calls[0][0]
+    assert (cfg.train.steps, cfg.train.checkpoint_every, cfg.train.warmup_steps) == (8, 2, 0)
+    assert read and all(c == there for c in read)  # the configs it read were not changed in place
+    assert json.loads((out / "gpu_summary.json").read_text())["regression"]["cases"] == 2

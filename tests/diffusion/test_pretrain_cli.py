@@ -227,3 +227,35 @@ def test_predict_dicom_input_also_writes_rtdose(trained, tmp_path):
     )
     nifti = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "pred" / "dose.nii.gz")))
     assert nifti.shape == grid.shape and np.all(nifti[~body] == 0)
+
+
+def test_pretrain_takes_its_data_as_sources(cache_dir, tmp_path, case, case2):
+    """``sources`` replaces the data the config names: ``Case`` objects in memory, or ready
+    (cached) cases, which train exactly like the configured sources they came from."""
+    from dosegym.diffusion.train_data import build_cache, training_sources
+    from dosegym.errors import ModelError
+
+    cfg = tiny_pretrain_config(cache_dir, steps=2)
+    nowhere = cfg.data.model_copy(update={"openkbp_dir": str(tmp_path / "no_such_data")})
+    no_data = cfg.model_copy(update={"data": nowhere})  # reading the configured data would fail
+
+    res = pretrain(no_data, tmp_path / "cases", progress=False, sources=[case, case2])
+    assert res.num_cases == 2 and np.isfinite(res.loss)
+    record = json.loads((tmp_path / "cases" / "data.json").read_text())
+    assert record["cases"] == [case.case_id, case2.case_id]
+
+    cached = build_cache(cfg, training_sources(cfg), progress=False)
+    a = pretrain(cfg, tmp_path / "default", progress=False)
+    b = pretrain(no_data, tmp_path / "cached", progress=False, sources=cached)
+    wa, wb = (
+        load_file(str(a.checkpoint / "model.safetensors")),
+        load_file(str(b.checkpoint / "model.safetensors")),
+    )
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+    with pytest.raises(ModelError, match="cannot be mixed"):
+        pretrain(cfg, tmp_path / "mixed", progress=False, sources=[*training_sources(cfg), case])
+    with pytest.raises(ModelError, match="no training case"):
+        pretrain(cfg, tmp_path / "empty", progress=False, sources=[])
+    with pytest.raises(ModelError, match="int is not a training source"):
+        pretrain(cfg, tmp_path / "bad", progress=False, sources=[3])
