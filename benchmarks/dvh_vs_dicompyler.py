@@ -45,6 +45,7 @@ from matplotlib.path import Path as Path2D
 from scipy import ndimage
 
 import dosegym.data.dicom as dicom
+import dosegym.data.dicom.rtstruct as rtstruct
 from dosegym.data import Case, Grid, read_case
 from dosegym.scorecards.dvh import DVHCache
 
@@ -105,7 +106,7 @@ def write_folders(case: Case, root: Path, dose_spacing_mm: float | None) -> dict
 def dosegym_metrics(folder: Path) -> tuple[Case, dict[str, dict[str, float]], float]:
     """Read ``folder`` and compute the metrics; also the read's wall time (s)."""
     raster: dict[str, float] = defaultdict(float)
-    original = dicom._rasterise_roi
+    original = rtstruct._rasterise_roi
 
     def timed(contours, grid, axis, supersample, half, where):
         t = time.perf_counter()
@@ -114,13 +115,13 @@ def dosegym_metrics(folder: Path) -> tuple[Case, dict[str, dict[str, float]], fl
         finally:
             raster[where.split("ROI ", 1)[1].split("'")[1]] += time.perf_counter() - t
 
-    dicom._rasterise_roi = timed  # measure each structure's share of the read
+    rtstruct._rasterise_roi = timed  # measure each structure's share of the read
     try:
         t = time.perf_counter()
         case = dicom.read_dicom(folder)
         read_s = time.perf_counter() - t
     finally:
-        dicom._rasterise_roi = original
+        rtstruct._rasterise_roi = original
     out = {}
     named = {
         **case.structures,

@@ -37,10 +37,11 @@ def _cases(args):
             yield "openkbp", read_case(f)
     if args.phantoms:
         from dosegym.data import phantoms
+        from dosegym.data.sites import PhantomId
 
         for pid in phantoms.shipped_phantom_ids(split="test")[: args.max_cases or None]:
-            site, index = pid.split(":", 1)[1].split("/")
-            yield "phantoms", phantoms.load_shipped_phantom(site, int(index))
+            p = PhantomId.parse(pid)
+            yield "phantoms", phantoms.load_shipped_phantom(p.site, p.index)
 
 
 def _mae_in_body(case, pred) -> float:

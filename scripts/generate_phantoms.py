@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 import time
 from pathlib import Path
@@ -39,12 +38,13 @@ from dosegym.data.phantoms import (  # noqa: E402
     read_phantom,
     write_phantom,
 )
+from dosegym.data.sites import PhantomId  # noqa: E402
+from dosegym.errors import DataError  # noqa: E402
 
 SEED = 0
 N_PER_SITE = 32
 N_TRAIN = 28  # indices 0..27 train, 28..31 held out (test), the same for every site
 DEFAULT_OUT = REPO / "dosegym" / "assets" / "phantoms"
-_FILE = re.compile(r"^(?P<site>[a-z]+)_(?P<index>\d{3})\.npz$")
 
 
 def case_order(sites: list[str], n: int) -> list[tuple[str, int]]:
@@ -53,7 +53,7 @@ def case_order(sites: list[str], n: int) -> list[tuple[str, int]]:
 
 
 def case_path(out: Path, site: str, index: int) -> Path:
-    return out / site / f"{site}_{index:03d}.npz"
+    return out / site / f"{PhantomId(site, index).case_id}.npz"
 
 
 def write_manifest(out: Path, seed: int, n: int, n_train: int) -> Path:
@@ -64,8 +64,9 @@ def write_manifest(out: Path, seed: int, n: int, n_train: int) -> Path:
     engine = None
     for site in SITES:
         for f in sorted((out / site).glob(f"{site}_*.npz")):
-            m = _FILE.match(f.name)
-            if not m:
+            try:
+                pid = PhantomId.parse(f.stem)
+            except DataError:
                 continue
             case = read_phantom(f)
             info = case.meta.get("dose_engine") or {}
@@ -85,10 +86,10 @@ def write_manifest(out: Path, seed: int, n: int, n_train: int) -> Path:
                 }
             cases.append(
                 {
-                    "id": f"phantoms:{site}/{int(m['index'])}",
+                    "id": str(pid),
                     "file": f"{site}/{f.name}",
                     "site": site,
-                    "index": int(m["index"]),
+                    "index": pid.index,
                     "bytes": f.stat().st_size,
                     "technique": case.beams.technique if case.beams else None,
                     "gantry_deg": list(case.beams.gantry_deg) if case.beams else None,

@@ -41,14 +41,8 @@ LAYERS: dict[str, int] = {
     "cli": 6,
 }
 
-#: Violations found when this test was written, in files owned by other branches of issue 16.
-#: The lead empties this list after merging them; an entry that no longer occurs fails too.
-KNOWN_VIOLATIONS: set[str] = {
-    # dosegym/data/dicom.py imports the dispatcher's helper (``from dosegym.data.io import
-    # _is_dicom_file``) while io dispatches to dicom; fix: dicom imports ``is_dicom_file`` from
-    # dosegym.data.probe, and io.py drops its ``_is_dicom_file`` alias.
-    "import circle: dosegym.data.dicom -> dosegym.data.io -> dosegym.data.dicom",
-}
+#: Known violations, each with the reason it stays; empty: the graph is clean.
+KNOWN_VIOLATIONS: set[str] = set()
 
 
 @dataclass(frozen=True)

@@ -23,9 +23,6 @@ from dosegym.data.probe import is_dicom_file
 from dosegym.data.sites import PHANTOM_PREFIX
 from dosegym.errors import DataError
 
-# Until dosegym/data/dicom.py imports is_dicom_file from dosegym.data.probe (issue 16, lead):
-_is_dicom_file = is_dicom_file
-
 # format -> (module, reader function, writer function or None)
 _FORMATS: dict[str, tuple[str, str, str | None]] = {
     "openkbp": ("dosegym.data.openkbp", "read_openkbp", None),

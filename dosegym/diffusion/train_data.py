@@ -27,6 +27,7 @@ import torch
 
 from dosegym.data.atomic import atomic_path, json_text
 from dosegym.data.case import Case
+from dosegym.data.sites import PhantomId
 from dosegym.diffusion.config import PretrainConfig
 from dosegym.diffusion.slots import ModelInput, ModelSpec, Role, to_model
 from dosegym.errors import DosegymError, ModelError
@@ -101,12 +102,12 @@ def training_sources(cfg: PretrainConfig) -> list[SourceCase]:
                 "set data.phantoms: false and give data.openkbp_dir"
             ) from exc
         for pid in ids:
-            site, index = pid.split(":", 1)[1].split("/")
+            p = PhantomId.parse(pid)
             out.append(
                 SourceCase(
                     _safe(pid),
                     pid,
-                    lambda s=site, i=int(index): phantoms.load_shipped_phantom(s, i),
+                    lambda s=p.site, i=p.index: phantoms.load_shipped_phantom(s, i),
                     _stamp(phantoms.shipped_phantom_dir() / "manifest.json"),
                 )
             )

@@ -16,7 +16,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import CTImageStorage
 
-from dosegym.data.io import _is_dicom_file
+from dosegym.data.probe import is_dicom_file
 from dosegym.errors import DataError
 
 PATIENT_KEYWORDS = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex")
@@ -69,7 +69,7 @@ def scan(folder: Path, *, pixels: bool) -> Folder:
     for p in sorted(folder.iterdir()):
         if p.name.startswith(".") or not p.is_file():
             continue
-        if p.suffix.lower() != ".dcm" and not _is_dicom_file(p):
+        if p.suffix.lower() != ".dcm" and not is_dicom_file(p):
             found.ignored.append(p.name)
             continue
         ds = read_file(p, pixels=pixels)
