@@ -9,7 +9,7 @@ import torch
 
 import dosegym  # noqa: F401
 from dosegym.envs.base import GROUP_NAMES
-from dosegym.envs.vector import DenoiseDoseVectorEnv
+from dosegym.envs.denoise import DenoiseDoseVectorEnv
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

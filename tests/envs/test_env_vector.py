@@ -8,7 +8,7 @@ import pytest
 from gymnasium.vector import AutoresetMode
 
 import dosegym  # noqa: F401
-from dosegym.envs.vector import DenoiseDoseVectorEnv
+from dosegym.envs.denoise import DenoiseDoseVectorEnv
 from dosegym.errors import EnvError
 
 STEPS = 3
