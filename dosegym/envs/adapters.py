@@ -18,22 +18,30 @@ from gymnasium.utils import seeding
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
-from dosegym.diffusion.chain import ReverseChain
-from dosegym.diffusion.policy import DosePolicy
-from dosegym.diffusion.slots import ModelSpec
-from dosegym.envs.cards import CardChooser
 from dosegym.envs.cases import CaseData, PretrainedStats
 from dosegym.envs.config import RENDER_MODES, EnvConfig, check_seed, count_arg
-from dosegym.envs.core import ChainCore, DoseCore
-from dosegym.envs.reward import RewardConfig
+from dosegym.envs.core import DoseCore
 from dosegym.errors import EnvError
+
+#: The core's attributes an adapter shows as its own (``env.unwrapped.policy``, ``.chain``, ...).
+CORE_VIEWS = frozenset(
+    {"policy", "device", "model_spec", "steps", "reward_config", "cards", "cond_slots", "chain", "max_dose"}
+)
 
 
 class CoreViews:
-    """The core's public state and per-case helpers, as attributes of an adapter."""
+    """What an adapter shows of its core: the attributes in :data:`CORE_VIEWS` (those the
+    kind has: ``chain`` for the chain kinds, ``max_dose`` for the Bandit) and the per-case
+    helpers below."""
 
     core: DoseCore
     _obs_x: Any = None  # the x_t of the last observation handed out
+
+    def __getattr__(self, name: str) -> Any:
+        core = self.__dict__.get("core")
+        if name in CORE_VIEWS and core is not None:
+            return getattr(core, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def _given_x(self, obs: dict[str, Any] | None) -> Any:
         """``obs["x_t"]`` when it is not the state's own observation (None otherwise)."""
@@ -43,34 +51,6 @@ class CoreViews:
     def _out(batched: Any) -> Any:
         """An adapter's view of a batched output (the single env: its only row)."""
         return batched
-
-    @property
-    def policy(self) -> DosePolicy:
-        return self.core.policy
-
-    @property
-    def device(self) -> torch.device:
-        return self.core.device
-
-    @property
-    def model_spec(self) -> ModelSpec:
-        return self.core.model_spec
-
-    @property
-    def steps(self) -> int:
-        return self.core.steps
-
-    @property
-    def reward_config(self) -> RewardConfig:
-        return self.core.reward_config
-
-    @property
-    def cards(self) -> CardChooser:
-        return self.core.cards
-
-    @property
-    def cond_slots(self) -> list[str]:
-        return self.core.cond_slots
 
     def case_data(self, index: int) -> CaseData:
         """Case ``index`` of the source, prepared (cached; see :class:`~dosegym.envs.cases.CaseStore`)."""
@@ -83,17 +63,6 @@ class CoreViews:
     def pretrained_stats(self, cd: CaseData) -> PretrainedStats:
         """Mean points and mean dose of the case's pretrained samples (see the reward docs)."""
         return self.core.pretrained_stats(cd)
-
-
-class ChainViews(CoreViews):
-    """:class:`CoreViews` plus the episodes' reverse chain (DenoiseDose, GuidedDose)."""
-
-    core: ChainCore
-
-    @property
-    def chain(self) -> ReverseChain:
-        """The B episodes' :class:`~dosegym.diffusion.chain.ReverseChain` (``chain.x``: the states)."""
-        return self.core.chain
 
 
 class DoseEnv(CoreViews, gym.Env):

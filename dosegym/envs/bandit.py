@@ -9,8 +9,8 @@ import numpy as np
 import torch
 from gymnasium import spaces
 
-from dosegym.envs.adapters import CoreViews, DoseEnv, DoseVectorEnv
-from dosegym.envs.config import EnvConfig, positive_arg
+from dosegym.envs.adapters import DoseEnv, DoseVectorEnv
+from dosegym.envs.config import TEMPERATURE_CHECK, EnvConfig
 from dosegym.envs.core import DoseCore, Transition
 from dosegym.errors import EnvError
 
@@ -23,11 +23,7 @@ class BanditConfig(EnvConfig):
     max_dose: float = 2.0
     temperature_gy: float = 1.0
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        max_dose = positive_arg("max_dose", self.max_dose, "a finite number > 0 (x highest Rx)")
-        temperature = positive_arg("temperature_gy", self.temperature_gy, "a finite number of Gy > 0")
-        self._set(max_dose=max_dose, temperature_gy=temperature)
+    CHECKS = {"max_dose": (">0", "a finite number > 0 (x highest Rx)"), "temperature_gy": TEMPERATURE_CHECK}
 
 
 class BanditCore(DoseCore):
@@ -35,10 +31,11 @@ class BanditCore(DoseCore):
 
     config_class = BanditConfig
 
+    config: BanditConfig
+
     def __init__(self, config: BanditConfig, batch: int, unbatched: bool = False) -> None:
         super().__init__(config, batch, unbatched)
         self.max_dose = config.max_dose
-        self.temperature_gy = config.temperature_gy
         self.single_action_space = spaces.Box(0.0, self.max_dose, self.gen_shape, np.float32)
         self.single_observation_space = spaces.Dict(self.cond_spaces())
         self.ended_message = "the episode has ended (one step); call reset() to start a new one"
@@ -75,19 +72,11 @@ class BanditCore(DoseCore):
             raise EnvError(f"soft_score: dose shape {tuple(dose.shape)}; expected (B, *{self.gen_shape})")
         cd = self.cds[i]
         dose_gy = cd.resampler.decode(dose.to(self.device)[:, 0])
-        scores = cd.bound.score_torch(dose_gy, temperature=self.temperature_gy)
+        scores = cd.bound.score_torch(dose_gy, temperature=self.config.temperature_gy)
         return scores.total / scores.max_points[scores.matched].sum()
 
 
-class BanditViews(CoreViews):
-    core: BanditCore
-
-    @property
-    def max_dose(self) -> float:
-        return self.core.max_dose
-
-
-class ScorecardBanditEnv(BanditViews, DoseEnv):
+class ScorecardBanditEnv(DoseEnv):
     """
     ## Description
 
@@ -151,7 +140,7 @@ class ScorecardBanditEnv(BanditViews, DoseEnv):
         return self.core.soft_score(0, dose)
 
 
-class ScorecardBanditVectorEnv(BanditViews, DoseVectorEnv):
+class ScorecardBanditVectorEnv(DoseVectorEnv):
     """``num_envs`` Bandit episodes at once (see :class:`~dosegym.envs.adapters.DoseVectorEnv`):
     actions ``(B, C, Z, Y, X)``, every sub-env terminating after its one step."""
 

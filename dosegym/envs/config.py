@@ -16,7 +16,7 @@ import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 
@@ -29,6 +29,8 @@ OBS_BACKENDS = ("numpy", "torch")
 RENDER_MODES = ("rgb_array", "ansi")
 
 C = TypeVar("C", bound="EnvConfig")
+#: The check of a ``temperature_gy`` field (soft-metric smoothing), see ``EnvConfig.CHECKS``.
+TEMPERATURE_CHECK = (">0", "a finite number of Gy > 0")
 
 
 def count_arg(name: str, value: Any, minimum: int = 1) -> int:
@@ -75,6 +77,10 @@ class EnvConfig:
     allow_card_mismatch: bool = False
     rescale_card: bool = False
 
+    #: A kind's own numeric fields and their checks: field -> ("count", "") for integers
+    #: >= 1, or (">0" | ">=0", what the message says a valid value is).
+    CHECKS: ClassVar[dict[str, tuple[str, str]]] = {}
+
     def __post_init__(self) -> None:
         if self.obs_backend not in OBS_BACKENDS:
             raise EnvError(f"obs_backend {self.obs_backend!r} is unknown; valid: {list(OBS_BACKENDS)}")
@@ -85,6 +91,12 @@ class EnvConfig:
         self._set(steps=count_arg("steps", self.steps), case_cache=count_arg("case_cache", self.case_cache))
         self._set(reward=RewardConfig.coerce(self.reward))
         self._set(allow_card_mismatch=bool(self.allow_card_mismatch), rescale_card=bool(self.rescale_card))
+        for name, (rule, what) in self.CHECKS.items():
+            value = getattr(self, name)
+            if rule == "count":
+                self._set(**{name: count_arg(name, value)})
+            else:
+                self._set(**{name: positive_arg(name, value, what, allow_zero=rule == ">=0")})
 
     def _set(self, **values: Any) -> None:
         for name, value in values.items():

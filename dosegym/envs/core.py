@@ -221,15 +221,15 @@ class DoseCore:
         return cd.cond_obs
 
     def batch_cond_obs(self) -> dict[str, Any]:
-        """The episodes' condition observations, batched: fresh numpy copies on every call
-        (Gymnasium wants new data) or, with the torch backend, the same device tensors (no
-        copy: do not modify them in place)."""
+        """The episodes' condition observations, batched: fresh numpy arrays on every call
+        (Gymnasium wants new data) or, with the torch backend, the same device tensors
+        until the next reset (no copy: do not modify them in place)."""
+        if self.obs_backend == "numpy":
+            per_case = [self.cond_obs(cd) for cd in self.cds]
+            return {k: np.stack([c[k] for c in per_case]) for k in per_case[0]}
         if self._cond_obs is None:
             per_case = [self.cond_obs(cd) for cd in self.cds]
-            stack = np.stack if self.obs_backend == "numpy" else torch.stack
-            self._cond_obs = {k: stack([c[k] for c in per_case]) for k in per_case[0]}
-        if self.obs_backend == "numpy":
-            return {k: v.copy() for k, v in self._cond_obs.items()}
+            self._cond_obs = {k: torch.stack([c[k] for c in per_case]) for k in per_case[0]}
         return dict(self._cond_obs)
 
     def to_obs(self, t: torch.Tensor) -> Any:

@@ -9,8 +9,8 @@ import numpy as np
 import torch
 from gymnasium import spaces
 
-from dosegym.envs.adapters import ChainViews, DoseEnv, DoseVectorEnv
-from dosegym.envs.config import EnvConfig, positive_arg
+from dosegym.envs.adapters import CoreViews, DoseEnv, DoseVectorEnv
+from dosegym.envs.config import EnvConfig
 from dosegym.envs.core import ChainCore, Transition
 from dosegym.envs.reward import gaussian_kl
 from dosegym.errors import EnvError
@@ -23,9 +23,7 @@ class DenoiseConfig(EnvConfig):
 
     x_bound: float = 20.0
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        self._set(x_bound=positive_arg("x_bound", self.x_bound))
+    CHECKS = {"x_bound": (">0", "a finite number > 0")}
 
 
 class DenoiseCore(ChainCore):
@@ -108,7 +106,7 @@ class DenoiseCore(ChainCore):
         self._agent = (m, s)
 
 
-class DenoiseHelpers(ChainViews):
+class DenoiseHelpers(CoreViews):
     """DenoiseDose's agent helpers on an adapter (unbatched on the single env)."""
 
     core: DenoiseCore

@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 from gymnasium import spaces
 
-from dosegym.envs.adapters import ChainViews, DoseEnv, DoseVectorEnv
+from dosegym.envs.adapters import DoseEnv, DoseVectorEnv
 from dosegym.envs.base import GROUP_NAMES, SoftScorer
 from dosegym.envs.cases import CaseData
-from dosegym.envs.config import EnvConfig, count_arg, positive_arg
+from dosegym.envs.config import TEMPERATURE_CHECK, EnvConfig
 from dosegym.envs.core import ChainCore, Transition
 from dosegym.envs.reward import gaussian_kl
 
@@ -30,11 +30,11 @@ class GuidedConfig(EnvConfig):
     temperature_gy: float = 1.0
     pool: int = 4
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        scale = positive_arg("guidance_scale", self.guidance_scale, "a finite number >= 0", allow_zero=True)
-        temperature = positive_arg("temperature_gy", self.temperature_gy, "a finite number of Gy > 0")
-        self._set(guidance_scale=scale, temperature_gy=temperature, pool=count_arg("pool", self.pool))
+    CHECKS = {
+        "guidance_scale": (">=0", "a finite number >= 0"),
+        "temperature_gy": TEMPERATURE_CHECK,
+        "pool": ("count", ""),
+    }
 
 
 class GuidedCore(ChainCore):
@@ -42,13 +42,12 @@ class GuidedCore(ChainCore):
 
     config_class = GuidedConfig
 
+    config: GuidedConfig
+
     def __init__(self, config: GuidedConfig, batch: int, unbatched: bool = False) -> None:
         super().__init__(config, batch, unbatched)
-        self.guidance_scale = config.guidance_scale
-        self.temperature_gy = config.temperature_gy
-        self.pool = config.pool
         n_items = len(self.cards.fix_one_card(self.source, "GuidedDose").items)
-        n_features = 2 * self.gen_shape[0] * self.pool**3
+        n_features = 2 * self.gen_shape[0] * self.config.pool**3
         self.single_action_space = spaces.Box(-1.0, 1.0, (len(GROUP_NAMES),), np.float32)
         self.single_observation_space = spaces.Dict(
             {
@@ -63,7 +62,7 @@ class GuidedCore(ChainCore):
     def soft_scorer(self, cd: CaseData) -> SoftScorer:
         """The case's soft scorer on the model grid (cached per case)."""
         if cd.soft is None:
-            cd.soft = SoftScorer(cd.card, cd.case, cd.resampler, self.temperature_gy)
+            cd.soft = SoftScorer(cd.card, cd.case, cd.resampler, self.config.temperature_gy)
         return cd.soft
 
     def _begin(self, rngs: list[np.random.Generator]) -> list[dict[str, Any]]:
@@ -76,7 +75,7 @@ class GuidedCore(ChainCore):
         assert self._dirs is not None and self.chain.x is not None
         dist, x = self.chain.distribution(), self.chain.x
         w = weights.reshape(*weights.shape, *([1] * (self._dirs.ndim - 2)))
-        delta = self.guidance_scale * (w * self._dirs).sum(1)
+        delta = self.config.guidance_scale * (w * self._dirs).sum(1)
         guided = self.chain.step_from_output(
             self.chain.output_for_x0(dist.pred_original_sample + delta, x), x
         )
@@ -112,7 +111,7 @@ class GuidedCore(ChainCore):
     def observation(self) -> dict[str, Any]:
         assert self._items is not None and self.chain.x is not None
         scores = torch.nan_to_num(self._items.float(), nan=0.0).clamp(0.0, 1.0)
-        pooled = F.adaptive_avg_pool3d(torch.cat([self.chain.x, self.x0()], dim=1), self.pool)
+        pooled = F.adaptive_avg_pool3d(torch.cat([self.chain.x, self.x0()], dim=1), self.config.pool)
         features = pooled.reshape(self.batch, -1).clamp(-FEATURE_BOUND, FEATURE_BOUND)
         return {
             "timestep": self.timestep_obs(),
@@ -124,7 +123,7 @@ class GuidedCore(ChainCore):
         return self.x0()[i]
 
 
-class GuidedDoseEnv(ChainViews, DoseEnv):
+class GuidedDoseEnv(DoseEnv):
     """
     ## Description
 
@@ -202,7 +201,7 @@ class GuidedDoseEnv(ChainViews, DoseEnv):
     core_class = GuidedCore
 
 
-class GuidedDoseVectorEnv(ChainViews, DoseVectorEnv):
+class GuidedDoseVectorEnv(DoseVectorEnv):
     """``num_envs`` GuidedDose episodes in lockstep, one batched model forward per step (see
     :class:`~dosegym.envs.adapters.DoseVectorEnv`); actions ``(B, n_groups)``."""
 
