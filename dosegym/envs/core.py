@@ -18,7 +18,7 @@ step's noise.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
@@ -71,7 +71,7 @@ class Transition:
     anchors: torch.Tensor | None
     kl: np.ndarray | None
     last: bool
-    extras: list[dict[str, Any]] = field(default_factory=list)
+    extras: list[dict[str, Any]]
 
 
 class DoseCore:
@@ -180,7 +180,7 @@ class DoseCore:
             else:
                 rewards[i], terms = compose(self.reward_config, None, None, kl)
                 info = {"reward_terms": terms}
-            info.update(tr.extras[i] if tr.extras else {})
+            info.update(tr.extras[i])
             if kl is not None:
                 info["kl"] = kl
             infos.append(info)
