@@ -149,6 +149,7 @@ def measure(policy: DosePolicy, case, kind: str, b: int, steps: int, repeats: in
     action = fixed_action(kind, env, obs)
     raw_chain()  # warm-up
     raw, mid, last = [], [], []
+
     def bandit_episode(seed: int, dose: np.ndarray) -> None:
         env.reset(seed=seed)
         raw_chain()
@@ -172,17 +173,22 @@ def measure(policy: DosePolicy, case, kind: str, b: int, steps: int, repeats: in
     return {"raw": med(raw), "env": med(mid), "last": med(last)}
 
 
-def throughput(policy: DosePolicy, case, kind: str, b: int, steps: int, device: str) -> tuple[float, float]:
-    """Episodes per second of the vector env (B = ``b``) and of ``b`` single envs in turn."""
+def throughput(
+    policy: DosePolicy, case, kind: str, b: int, steps: int, repeats: int, device: str
+) -> tuple[float, float]:
+    """Episodes per second of the vector env (B = ``b``) and of ``b`` single envs in turn
+    (medians over ``repeats`` rounds, the two alternating)."""
     timer = Timer(device)
     _, single, vector = KINDS[kind]
     kw = dict(policy=policy, cases=[case], steps=steps, device=device)
     venv, env = vector(num_envs=b, **kw), single(**kw)
     run_episode(kind, venv, seed=0)  # warm-up (case preparation)
     run_episode(kind, env, seed=0)
-    t_vec = timer(run_episode, kind, venv, 1)
-    t_single = sum(timer(run_episode, kind, env, 1 + i) for i in range(b))
-    return b / t_vec, b / t_single
+    t_vec, t_single = [], []
+    for rep in range(repeats):
+        t_vec.append(timer(run_episode, kind, venv, 1 + rep))
+        t_single.append(sum(timer(run_episode, kind, env, 1 + rep + i) for i in range(b)))
+    return b / statistics.median(t_vec), b / statistics.median(t_single)
 
 
 def main() -> None:
@@ -212,7 +218,7 @@ def main() -> None:
             )
     print(f"\n{'kind':<16} {'vector B=8 ep/s':>16} {'8 singles ep/s':>15} {'ratio':>6}")
     for kind in kinds:
-        vec, one = throughput(policy, case, kind, 8, args.steps, args.device)
+        vec, one = throughput(policy, case, kind, 8, args.steps, args.repeats, args.device)
         print(f"{KINDS[kind][0]:<16} {vec:16.3f} {one:15.3f} {vec / one:6.2f}")
     print(
         "\noverhead = env step / raw model + reverse_step step (the Bandit: reset + raw chain + step "
