@@ -1,27 +1,33 @@
-"""Overhead of the DenoiseDose environment over the raw sampler, and episode throughput.
+"""Overhead of the dose environments over the raw sampler, and vector-env throughput.
 
 Baseline (measured in the same run, same model, same batch size B, alternating with the env
 so that load changes hit both alike): one reverse step done by hand, ``model(x, t, cond)`` +
 ``reverse_step`` (DDIM, eta = 1) on tensors.
 
-* **step overhead** = median time of a mid-episode ``env.step(action)`` / median time of the
-  baseline step, at B = 1 (``DenoiseDoseEnv``) and at B = 8 (the native
-  ``DenoiseDoseVectorEnv``), with numpy observations (Gymnasium's: every step copies x_t and
-  the condition volumes to fresh arrays) and with torch observations (tensors stay on the
-  device). ``env.step`` checks the action, runs the pretrained forward for
-  the action's log-probability, advances and copies the observation to numpy; the last step
-  (decode + scorecard) is timed separately.
-* **episode throughput**: whole on-policy episodes per second (``reset``, then each step
-  ``policy_step`` + ``sample_noise`` + ``step``, scoring at the end) at B = 1 and B = 8, next
-  to the baseline's chains per second (the sampler loop alone, no decode, no scoring).
+* **step overhead**, for every env kind at B = 1 (the single env) and B = 8 (its native
+  vector env), numpy observations:
+
+  - DenoiseDose, GuidedDose: median time of a mid-episode ``env.step(action)`` / median
+    time of the baseline step. ``env.step`` checks the action, runs the pretrained forward
+    (log-probability; GuidedDose: the soft-scorecard gradients of every objective group and
+    the guided step), advances and copies the observation to numpy. The last step (decode +
+    scorecard) is timed separately.
+  - ScorecardBandit (no chain: the agent brings the dose): median time of ``reset`` + the
+    baseline chain of ``steps`` steps + ``step(dose)`` / median time of the baseline chain
+    alone; its last step is the ``step`` (decode + scorecard).
+
+* **episode throughput**: whole episodes per second (reset, then each step the kind's
+  actions: DenoiseDose on-policy ``policy_step`` + ``sample_noise``, GuidedDose fixed
+  weights, the Bandit a fixed dose; scoring at the end) of the vector env with B = 8 against
+  8 single envs run one after another, and their ratio.
 
 Model: the shipped checkpoint when there is one, else random weights built from
 ``configs/pretrain_cpu.yaml`` (``--config``), else from ``configs/pretrain_tiny.yaml``; the
 script says which. Timing does not depend on the weights. Case: OpenKBP ``pt_108`` from
 ``../shared/data`` when present, else a generated head-and-neck phantom.
 
-    python benchmarks/env_overhead.py [--steps 4] [--repeats 1] [--threads 1] [--device cpu]
-                                      [--backends numpy,torch] [--config configs/pretrain_cpu.yaml]
+    PYTHONPATH=. python benchmarks/env_overhead.py [--steps 4] [--repeats 1] [--threads 1]
+        [--device cpu] [--kinds denoise,guided,bandit] [--config configs/pretrain_cpu.yaml]
 """
 
 from __future__ import annotations
@@ -31,20 +37,26 @@ import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from data_paths import PT_108
 
-from dosegym.diffusion import Any2Any, DosePolicy, PretrainConfig, load_pretrained
+from dosegym.diffusion import Any2Any, DosePolicy, PretrainConfig, load_pretrained, seeded_generator
 from dosegym.diffusion.policy import shipped_checkpoint_dir
-from dosegym.diffusion.sample import seeded_generator
 from dosegym.diffusion.schedulers import make_scheduler, reverse_step
-from dosegym.envs.denoise import DenoiseDoseEnv
-from dosegym.envs.vector import DenoiseDoseVectorEnv
+from dosegym.envs.bandit import ScorecardBanditEnv, ScorecardBanditVectorEnv
+from dosegym.envs.denoise import DenoiseDoseEnv, DenoiseDoseVectorEnv
+from dosegym.envs.guided import GuidedDoseEnv, GuidedDoseVectorEnv
 
 ROOT = Path(__file__).resolve().parents[1]
 PATIENT = PT_108
+KINDS = {
+    "denoise": ("DenoiseDose", DenoiseDoseEnv, DenoiseDoseVectorEnv),
+    "guided": ("GuidedDose", GuidedDoseEnv, GuidedDoseVectorEnv),
+    "bandit": ("ScorecardBandit", ScorecardBanditEnv, ScorecardBanditVectorEnv),
+}
 
 
 def build_policy(config: Path, device: str) -> tuple[DosePolicy, str]:
@@ -70,82 +82,114 @@ def the_case():
     return generate_anatomy("headneck", index=0, seed=0), "generated head-and-neck phantom"
 
 
-def median_time(fn: Callable[[], object], repeats: int, sync: Callable[[], None]) -> float:
-    times = []
-    for _ in range(repeats):
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+class Timer:
+    """Wall-clock seconds of calls, synchronising CUDA around each."""
 
+    def __init__(self, device: str) -> None:
+        self.cuda = torch.device(device).type == "cuda"
 
-def measure(
-    policy: DosePolicy, case, b: int, steps: int, repeats: int, device: str, backend: str
-) -> tuple[float, ...]:
-    """(raw step s, env step s, env last step s, raw chain s, env episode s) at batch ``b``
-    with observations from ``backend`` ("numpy" or "torch").
-
-    Raw and env timings alternate step by step (and chain by episode), so that a change of
-    machine load hits both alike.
-    """
-    dev = torch.device(device)
-
-    def sync() -> None:
-        if dev.type == "cuda":
+    def __call__(self, fn: Callable[..., Any], *args: Any) -> float:
+        if self.cuda:
             torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn(*args)
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
 
+
+def fixed_action(kind: str, env: Any, obs: dict[str, Any]) -> Any:
+    """The kind's timing action: DenoiseDose stays near x_t, GuidedDose half weights, the
+    Bandit a flat dose at 0.9 x Rx."""
+    if kind == "denoise":
+        return np.clip(obs["x_t"], -1.0, 1.0)
+    shape = env.action_space.shape
+    return np.zeros(shape, np.float32) if kind == "guided" else np.full(shape, 0.9, np.float32)
+
+
+def run_episode(kind: str, env: Any, seed: int | None = None) -> None:
+    obs, _ = env.reset(seed=seed)
+    done = False
+    while not done:
+        if kind == "denoise":
+            mean, std = env.unwrapped.policy_step(obs) if hasattr(env, "unwrapped") else env.policy_step(obs)
+            noise = env.unwrapped.sample_noise() if hasattr(env, "unwrapped") else env.sample_noise()
+            action = mean + std * noise
+        else:
+            action = fixed_action(kind, env, obs)
+        obs, _, terminated, _, _ = env.step(action)
+        done = bool(np.all(terminated))
+
+
+def measure(policy: DosePolicy, case, kind: str, b: int, steps: int, repeats: int, device: str) -> dict:
+    """Raw and env timings (s) of ``kind`` at batch ``b``: raw step, env step, last step."""
+    timer = Timer(device)
     cond = policy.conditions(case)
     cond = cond.expand(b) if b > 1 else cond
     scheduler = make_scheduler("ddim", policy.model.config.diffusion)
-    scheduler.set_timesteps(steps, device=dev)
+    scheduler.set_timesteps(steps, device=torch.device(device))
     gen = seeded_generator(0)
+    state: dict[str, torch.Tensor] = {}
 
-    def raw_step(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def raw_step(t: torch.Tensor) -> None:
         with torch.no_grad():
+            x = state["x"]
             out = policy.model(x, t, cond)
-            noise = torch.randn(x.shape, generator=gen).to(dev)
-            return reverse_step(scheduler, out, t, x, eta=policy.eta, variance_noise=noise).prev_sample
+            noise = torch.randn(x.shape, generator=gen).to(x.device)
+            state["x"] = reverse_step(scheduler, out, t, x, eta=policy.eta, variance_noise=noise).prev_sample
 
     def raw_chain() -> None:
-        x = policy.initial_noise(b, gen)
+        state["x"] = policy.initial_noise(b, gen)
         for t in scheduler.timesteps:
-            x = raw_step(x, t)
+            raw_step(t)
 
-    kw = dict(policy=policy, cases=[case], steps=steps, device=device, obs_backend=backend)
-    env = DenoiseDoseEnv(**kw) if b == 1 else DenoiseDoseVectorEnv(num_envs=b, **kw)
+    _, single, vector = KINDS[kind]
+    kw = dict(policy=policy, cases=[case], steps=steps, device=device)
+    env = single(**kw) if b == 1 else vector(num_envs=b, **kw)
     obs, _ = env.reset(seed=0)
-    action = obs["x_t"].clamp(-1.0, 1.0) if backend == "torch" else np.clip(obs["x_t"], -1.0, 1.0)
+    action = fixed_action(kind, env, obs)
+    raw_chain()  # warm-up
+    raw, mid, last = [], [], []
 
-    def episode() -> None:
-        o, _ = env.reset()
-        for _ in range(steps):
-            mean, std = env.policy_step(o)
-            o, *_ = env.step(mean + std * env.sample_noise())
+    def bandit_episode(seed: int, dose: np.ndarray) -> None:
+        env.reset(seed=seed)
+        raw_chain()
+        env.step(dose)
 
-    raw_step(policy.initial_noise(b, gen), scheduler.timesteps[0])  # warm-up
-    env.reset(seed=0)
-    env.step(action)
-    raw, mid, last, chains, episodes = [], [], [], [], []
     for rep in range(repeats):
+        if kind == "bandit":
+            dose = np.clip(state["x"].cpu().numpy(), 0.0, env.action_space.high.flat[0])
+            dose = dose[0] if b == 1 else dose
+            raw.append(timer(raw_chain))
+            mid.append(timer(bandit_episode, rep, dose))
+            env.reset(seed=rep)
+            last.append(timer(env.step, dose))
+            continue
         env.reset(seed=rep)
-        x = policy.initial_noise(b, gen)
+        state["x"] = policy.initial_noise(b, gen)
         for k, t in enumerate(scheduler.timesteps):
-            sync()
-            t0 = time.perf_counter()
-            x = raw_step(x, t)
-            sync()
-            t1 = time.perf_counter()
-            env.step(action)
-            sync()
-            t2 = time.perf_counter()
-            raw.append(t1 - t0)
-            (last if k == steps - 1 else mid).append(t2 - t1)
-        chains.append(median_time(raw_chain, 1, sync))
-        episodes.append(median_time(episode, 1, sync))
+            raw.append(timer(raw_step, t))
+            (last if k == steps - 1 else mid).append(timer(env.step, action))
     med = statistics.median
-    return med(raw), med(mid), med(last), med(chains), med(episodes)
+    return {"raw": med(raw), "env": med(mid), "last": med(last)}
+
+
+def throughput(
+    policy: DosePolicy, case, kind: str, b: int, steps: int, repeats: int, device: str
+) -> tuple[float, float]:
+    """Episodes per second of the vector env (B = ``b``) and of ``b`` single envs in turn
+    (medians over ``repeats`` rounds, the two alternating)."""
+    timer = Timer(device)
+    _, single, vector = KINDS[kind]
+    kw = dict(policy=policy, cases=[case], steps=steps, device=device)
+    venv, env = vector(num_envs=b, **kw), single(**kw)
+    run_episode(kind, venv, seed=0)  # warm-up (case preparation)
+    run_episode(kind, env, seed=0)
+    t_vec, t_single = [], []
+    for rep in range(repeats):
+        t_vec.append(timer(run_episode, kind, venv, 1 + rep))
+        t_single.append(sum(timer(run_episode, kind, env, 1 + rep + i) for i in range(b)))
+    return b / statistics.median(t_vec), b / statistics.median(t_single)
 
 
 def main() -> None:
@@ -154,9 +198,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1, help="timed rounds per measurement")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument(
-        "--backends", default=None, help="observation backends to time (default: numpy on CPU, both on CUDA)"
-    )
+    ap.add_argument("--kinds", default=",".join(KINDS), help="env kinds to time")
     ap.add_argument("--config", type=Path, default=ROOT / "configs" / "pretrain_cpu.yaml")
     args = ap.parse_args()
     if args.threads > 0:
@@ -164,25 +206,24 @@ def main() -> None:
     policy, model_name = build_policy(args.config, args.device)
     policy.model.eval()  # as a loaded checkpoint is
     case, case_name = the_case()
+    kinds = args.kinds.split(",")
     print(f"model: {model_name}; grid {policy.spec.shape}; case: {case_name} {case.grid.shape}")
     print(f"device {args.device}, torch threads {torch.get_num_threads()}, {args.steps} steps per episode\n")
-    print(
-        f"{'B':>3} {'obs':>6} {'raw step ms':>12} {'env step ms':>12} {'overhead':>9} {'last step ms':>13} "
-        f"{'raw chains/s':>13} {'episodes/s':>11} {'ratio':>6}"
-    )
-    backends = args.backends or ("numpy" if args.device == "cpu" else "numpy,torch")
-    for backend in backends.split(","):
+    print(f"{'kind':<16} {'B':>3} {'raw ms':>10} {'env ms':>10} {'overhead':>9} {'last step ms':>13}")
+    for kind in kinds:
         for b in (1, 8):
-            raw_s, env_s, last_s, chain_s, ep_s = measure(
-                policy, case, b, args.steps, args.repeats, args.device, backend
-            )
+            r = measure(policy, case, kind, b, args.steps, args.repeats, args.device)
             print(
-                f"{b:>3} {backend:>6} {raw_s * 1e3:12.2f} {env_s * 1e3:12.2f} {env_s / raw_s:9.3f} "
-                f"{last_s * 1e3:13.2f} {b / chain_s:13.2f} {b / ep_s:11.2f} {chain_s / ep_s:6.3f}"
+                f"{KINDS[kind][0]:<16} {b:>3} {r['raw'] * 1e3:10.1f} {r['env'] * 1e3:10.1f} "
+                f"{r['env'] / r['raw']:9.3f} {r['last'] * 1e3:13.1f}"
             )
+    print(f"\n{'kind':<16} {'vector B=8 ep/s':>16} {'8 singles ep/s':>15} {'ratio':>6}")
+    for kind in kinds:
+        vec, one = throughput(policy, case, kind, 8, args.steps, args.repeats, args.device)
+        print(f"{KINDS[kind][0]:<16} {vec:16.3f} {one:15.3f} {vec / one:6.2f}")
     print(
-        "\noverhead = env step / raw step (target <= 1.10 at B=1); ratio = episodes/s over raw "
-        "chains/s (episodes include reset, decode and the scorecard)."
+        "\noverhead = env step / raw model + reverse_step step (the Bandit: reset + raw chain + step "
+        "over the raw chain); target <= 1.05. ratio = vector env episodes/s over 8 single envs'."
     )
 
 

@@ -273,7 +273,7 @@ def test_graph_sees_imports_inside_functions_and_string_tables():
     io_targets = {e.target for e in graph["dosegym.data.io"]}
     assert {"dosegym.data.openkbp", "dosegym.data.phantoms", "dosegym.data.dicom"} <= io_targets
     env_targets = {e.target for e in graph["dosegym.envs"]}
-    assert {"dosegym.envs.denoise", "dosegym.envs.vector", "dosegym.envs.bandit"} <= env_targets
+    assert {"dosegym.envs.denoise", "dosegym.envs.guided", "dosegym.envs.bandit"} <= env_targets
     assert "dosegym.envs" in {e.target for e in graph["dosegym"]}
 
 

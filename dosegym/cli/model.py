@@ -15,7 +15,9 @@ PREDICT_WRITER = "dosegym predict"  # the writer name in a prediction folder's o
 
 @friendly_errors
 def pretrain(
-    config: Path = typer.Option(..., "--config", help="Pretraining YAML (e.g. configs/pretrain_cpu.yaml)."),
+    config: Path = typer.Option(
+        ..., "--config", help="Pretraining YAML (e.g. configs/pretrain_shipped.yaml, the shipped recipe)."
+    ),
     openkbp: Path | None = typer.Option(
         None,
         "--openkbp",
@@ -105,9 +107,9 @@ def predict(
     from dosegym.data import read_case
     from dosegym.data.atomic import atomic_folder, check_output_path, json_text
     from dosegym.data.io import detect_format
+    from dosegym.diffusion.chain import SEED_MAX, check_num_steps
     from dosegym.diffusion.checkpoint import resolve_device
     from dosegym.diffusion.policy import load_pretrained
-    from dosegym.diffusion.sample import SEED_MAX, check_num_steps
     from dosegym.diffusion.schedulers import SAMPLERS
 
     if out is not None:  # every option is checked before the case is read or a model loaded

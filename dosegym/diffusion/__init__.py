@@ -3,9 +3,11 @@
 Entry points: :func:`load_pretrained` -> :class:`DosePolicy` (the policy contract of
 DESIGN.md), :func:`to_model` (``Case`` -> model-grid tensors + ``Resampler``), :class:`Any2Any`
 (the network), :func:`reverse_step` (the Gaussian reverse step with its log-probability),
+:class:`ReverseChain` (B chains in lockstep: per-sample generators, log-probs, x̂0),
 :func:`dosegym.diffusion.train.pretrain` (training).
 """
 
+from dosegym.diffusion.chain import ReverseChain, seeded_generator
 from dosegym.diffusion.config import (
     DataConfig,
     DiffusionConfig,
@@ -41,6 +43,7 @@ __all__ = [
     "ModelSpec",
     "PretrainConfig",
     "Resampler",
+    "ReverseChain",
     "ReverseStepOutput",
     "TrainConfig",
     "UNetConfig",
@@ -50,5 +53,6 @@ __all__ = [
     "make_resampler",
     "make_scheduler",
     "reverse_step",
+    "seeded_generator",
     "to_model",
 ]

@@ -12,9 +12,11 @@ The contract (DESIGN.md "The policy contract")::
         x = x_prev
     dose_gy = policy.decode(x, cond, to_case=case)   # torch, Gy, on the case grid
 
-The step is DDIM with ``eta`` (default 1.0, every step stochastic, see
-:mod:`dosegym.diffusion.schedulers.ddim`) or DDPM. ``step_distribution`` is differentiable
-with respect to the model's weights when grad is enabled; agents fine-tune
+Batched rollouts (per-sample generators, log-probs, x̂0) run on ``policy.chain(steps)``, a
+:class:`~dosegym.diffusion.chain.ReverseChain`. The step is DDIM with ``eta`` (default 1.0,
+every step stochastic, see :mod:`dosegym.diffusion.schedulers.ddim`) or DDPM.
+``step_distribution`` is differentiable with respect to the model's weights when grad is
+enabled; agents fine-tune
 ``policy.model`` (full weights or LoRA via peft) and keep ``policy.reference()`` (the
 weights at load time, frozen) for KL terms.
 """
@@ -30,9 +32,16 @@ import torch
 
 from dosegym.data.case import Case
 from dosegym.data.dose import check_dose_gy
+from dosegym.diffusion.chain import (
+    CHAIN_SAMPLERS,
+    ReverseChain,
+    check_num_steps,
+    initial_noise,
+    seeded_generator,
+)
 from dosegym.diffusion.checkpoint import CONFIG_FILE, load_model
 from dosegym.diffusion.model import Any2Any
-from dosegym.diffusion.sample import check_num_steps, initial_noise, sample, seeded_generator
+from dosegym.diffusion.sample import sample
 from dosegym.diffusion.schedulers import (
     ReverseStepOutput,
     gaussian_log_prob,
@@ -41,8 +50,6 @@ from dosegym.diffusion.schedulers import (
 )
 from dosegym.diffusion.slots import ModelInput, ModelSpec, collate, make_resampler, to_model
 from dosegym.errors import ModelError
-
-POLICY_SAMPLERS = ("ddim", "ddpm")
 
 
 def shipped_checkpoint_dir() -> Path:
@@ -63,7 +70,7 @@ def load_pretrained(
             raise ModelError(
                 f"no shipped checkpoint: {folder} does not hold a trained model yet (it is added once "
                 "the pretraining run is done). Train one with `dosegym pretrain --config "
-                "configs/pretrain_cpu.yaml --out runs/pretrain` and load it with "
+                "configs/pretrain_shipped.yaml --out runs/pretrain` and load it with "
                 "load_pretrained('runs/pretrain/checkpoint')"
             )
     else:
@@ -81,9 +88,9 @@ class DosePolicy:
         eta: float = 1.0,
         device: torch.device | str = "cpu",
     ) -> None:
-        if sampler not in POLICY_SAMPLERS:
+        if sampler not in CHAIN_SAMPLERS:
             raise ModelError(
-                f"policy sampler {sampler!r} is not a Markov Gaussian step; valid: {list(POLICY_SAMPLERS)} "
+                f"policy sampler {sampler!r} is not a Markov Gaussian step; valid: {list(CHAIN_SAMPLERS)} "
                 "(dpm_solver serves predict() only)"
             )
         if eta < 0:
@@ -130,6 +137,12 @@ class DosePolicy:
         if isinstance(batch, ModelInput):
             return initial_noise(self.model, batch.batch_size, generator, self.device, batch.generate_slot)
         return initial_noise(self.model, int(batch), generator, self.device)
+
+    def chain(self, steps: int) -> ReverseChain:
+        """A :class:`~dosegym.diffusion.chain.ReverseChain` of this policy's model, sampler and
+        eta with ``steps`` steps (batched rollouts without Gymnasium; its own scheduler)."""
+        self._check_diffusion()
+        return ReverseChain(self.model, steps, self.sampler, self.eta)
 
     def timesteps(self, num_steps: int) -> torch.Tensor:
         """Set the schedule to ``num_steps`` steps and return its timesteps (descending)."""

@@ -127,9 +127,6 @@ class ModelSpec(BaseModel):
             raise ValueError(f"margin_mm must be >= 0, got {self.margin_mm}")
         return self
 
-    def channels(self, slot: str) -> int:
-        return SLOT_CHANNELS[slot]
-
 
 @dataclass
 class ModelInput:

@@ -3,14 +3,19 @@
 Importing this package (``import dosegym`` does) registers, without importing torch:
 
 * ``dosegym/DenoiseDose-v0``: :class:`~dosegym.envs.denoise.DenoiseDoseEnv`, the reverse chain
-  as an MDP (DDPO); ``make_vec`` with ``vectorization_mode="vector_entry_point"`` (the default
-  for this id) gives the native batched :class:`~dosegym.envs.vector.DenoiseDoseVectorEnv`;
+  as an MDP (DDPO);
 * ``dosegym/GuidedDose-v0``: :class:`~dosegym.envs.guided.GuidedDoseEnv`, per-objective
   guidance weights on a frozen model (any SB3 Box-action algorithm);
 * ``dosegym/ScorecardBandit-v0``: :class:`~dosegym.envs.bandit.ScorecardBanditEnv`, one step,
   the action a whole dose.
 
-Reward composition: :mod:`dosegym.envs.reward`; case sources: :mod:`dosegym.envs.sources`.
+Every kind runs on one batched core (:mod:`dosegym.envs.core`); ``gymnasium.make_vec(id,
+num_envs=B, vectorization_mode="vector_entry_point")`` (the default for these ids) gives its
+native vector env (``DenoiseDoseVectorEnv``, ``GuidedDoseVectorEnv``,
+``ScorecardBanditVectorEnv``: B episodes, one batched model forward per step).
+
+Reward composition: :mod:`dosegym.envs.reward`; case sources: :mod:`dosegym.envs.sources`;
+constructor arguments: :mod:`dosegym.envs.config`.
 The ids are registered with ``order_enforce=False`` so that the envs' own ``EnvError``
 (step before reset, bad actions) reaches the caller unchanged.
 """
@@ -22,13 +27,16 @@ from typing import Any
 
 from gymnasium.envs.registration import register, registry
 
-ENV_IDS: dict[str, tuple[str, str | None]] = {
+ENV_IDS: dict[str, tuple[str, str]] = {
     "dosegym/DenoiseDose-v0": (
         "dosegym.envs.denoise:DenoiseDoseEnv",
-        "dosegym.envs.vector:DenoiseDoseVectorEnv",
+        "dosegym.envs.denoise:DenoiseDoseVectorEnv",
     ),
-    "dosegym/GuidedDose-v0": ("dosegym.envs.guided:GuidedDoseEnv", None),
-    "dosegym/ScorecardBandit-v0": ("dosegym.envs.bandit:ScorecardBanditEnv", None),
+    "dosegym/GuidedDose-v0": ("dosegym.envs.guided:GuidedDoseEnv", "dosegym.envs.guided:GuidedDoseVectorEnv"),
+    "dosegym/ScorecardBandit-v0": (
+        "dosegym.envs.bandit:ScorecardBanditEnv",
+        "dosegym.envs.bandit:ScorecardBanditVectorEnv",
+    ),
 }
 
 for _id, (_entry, _vector) in ENV_IDS.items():
@@ -39,11 +47,17 @@ _LAZY = {
     "DenoiseDoseEnv": "dosegym.envs.denoise",
     "GuidedDoseEnv": "dosegym.envs.guided",
     "ScorecardBanditEnv": "dosegym.envs.bandit",
-    "DenoiseDoseVectorEnv": "dosegym.envs.vector",
+    "DenoiseDoseVectorEnv": "dosegym.envs.denoise",
+    "GuidedDoseVectorEnv": "dosegym.envs.guided",
+    "ScorecardBanditVectorEnv": "dosegym.envs.bandit",
+    "DenoiseConfig": "dosegym.envs.denoise",
+    "GuidedConfig": "dosegym.envs.guided",
+    "BanditConfig": "dosegym.envs.bandit",
+    "EnvConfig": "dosegym.envs.config",
     "RewardConfig": "dosegym.envs.reward",
     "gaussian_kl": "dosegym.envs.reward",
     "CaseSource": "dosegym.envs.sources",
-    "GROUP_NAMES": "dosegym.envs.base",
+    "GROUP_NAMES": "dosegym.scorecards.groups",
 }
 
 

@@ -2,23 +2,83 @@
 
 from __future__ import annotations
 
-import math
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from gymnasium import spaces
 
-from dosegym.diffusion.policy import DosePolicy
-from dosegym.envs.base import CaseData, DoseEnvBase, check_seed, reject_unknown_kwargs
-from dosegym.envs.reward import RewardConfig
+from dosegym.envs.adapters import DoseEnv, DoseVectorEnv
+from dosegym.envs.config import TEMPERATURE_CHECK, EnvConfig
+from dosegym.envs.core import DoseCore, Transition
 from dosegym.errors import EnvError
-from dosegym.scorecards.scorecard import Scorecard
 from dosegym.scorecards.soft_card import SoftScorecard
 
 
-class ScorecardBanditEnv(DoseEnvBase):
+@dataclass(frozen=True, eq=False)
+class BanditConfig(EnvConfig):
+    """ScorecardBandit's arguments: :class:`~dosegym.envs.config.EnvConfig`'s plus
+    ``max_dose`` (upper action bound, x highest Rx) and ``temperature_gy`` (of ``soft_score``)."""
+
+    max_dose: float = 2.0
+    temperature_gy: float = 1.0
+
+    CHECKS = {"max_dose": (">0", "a finite number > 0 (x highest Rx)"), "temperature_gy": TEMPERATURE_CHECK}
+
+
+class BanditCore(DoseCore):
+    """B one-step Bandit episodes: the action is each episode's dose on the model grid."""
+
+    config_class = BanditConfig
+
+    config: BanditConfig
+
+    def __init__(self, config: BanditConfig, batch: int, unbatched: bool = False) -> None:
+        super().__init__(config, batch, unbatched)
+        self.max_dose = config.max_dose
+        self.single_action_space = spaces.Box(0.0, self.max_dose, self.gen_shape, np.float32)
+        self.single_observation_space = spaces.Dict(self.cond_spaces())
+        self.ended_message = "the episode has ended (one step); call reset() to start a new one"
+        self._doses: torch.Tensor | None = None
+        self._done = False
+
+    def _begin(self, rngs: list[np.random.Generator]) -> list[dict[str, Any]]:
+        self._doses, self._done = None, False
+        return [{"rx_gy": cd.rx_gy} for cd in self.cds]
+
+    @property
+    def running(self) -> bool:
+        return not self._done
+
+    def _transition(self, actions: Any) -> Transition:
+        x = self.as_action(actions, self.single_action_space)
+        self._doses, self._done = x, True
+        return Transition(x, None, None, True, [{"rx_gy": cd.rx_gy} for cd in self.cds])
+
+    def observation(self) -> dict[str, Any]:
+        return self.batch_cond_obs()
+
+    def current_x0(self, i: int) -> torch.Tensor:
+        if self._doses is None:
+            return torch.zeros(self.gen_shape, device=self.device)
+        return self._doses[i]
+
+    def soft_score(self, i: int, dose: torch.Tensor) -> torch.Tensor:
+        """Normalised soft scorecard totals ``(K,)`` of model-grid doses ``(K, C, Z, Y, X)``
+        for episode ``i``'s case (see :meth:`ScorecardBanditEnv.soft_score`)."""
+        if not self.cds:
+            raise EnvError("soft_score() before reset(): call reset() first")
+        if dose.ndim != 5 or tuple(dose.shape[1:]) != self.gen_shape:
+            raise EnvError(f"soft_score: dose shape {tuple(dose.shape)}; expected (B, *{self.gen_shape})")
+        cd = self.cds[i]
+        dose_gy = cd.resampler.decode(dose.to(self.device)[:, 0])
+        if cd.soft_card is None:
+            cd.soft_card = SoftScorecard(cd.bound)
+        return cd.soft_card.score(dose_gy, temperature=self.config.temperature_gy).normalised
+
+
+class ScorecardBanditEnv(DoseEnv):
     """
     ## Description
 
@@ -67,77 +127,11 @@ class ScorecardBanditEnv(DoseEnvBase):
     behind the baseline and the anchor), ``reward``, ``device``, ``obs_backend``,
     ``render_mode``, ``case_cache``, ``allow_card_mismatch``, ``rescale_card``), plus
     ``max_dose`` (upper action bound in units of the highest Rx, default 2.0) and
-    ``temperature_gy`` (of :meth:`soft_score`, default 1 Gy).
+    ``temperature_gy`` (of :meth:`soft_score`, default 1 Gy): the fields of
+    :class:`BanditConfig` (also accepted whole as ``config=``).
     """
 
-    def __init__(
-        self,
-        policy: DosePolicy | None = None,
-        cases: Any = "phantoms:headneck",
-        scorecard: str | Path | Scorecard | None = None,
-        steps: int = 20,
-        reward: RewardConfig | dict[str, Any] | None = None,
-        device: str | torch.device | None = None,
-        obs_backend: str = "numpy",
-        render_mode: str | None = None,
-        max_dose: float = 2.0,
-        temperature_gy: float = 1.0,
-        case_cache: int = 16,
-        allow_card_mismatch: bool = False,
-        rescale_card: bool = False,
-        **unknown: Any,
-    ) -> None:
-        reject_unknown_kwargs(type(self), unknown)
-        super().__init__(
-            policy,
-            cases,
-            scorecard,
-            steps,
-            reward,
-            device,
-            obs_backend,
-            render_mode,
-            case_cache=case_cache,
-            allow_card_mismatch=allow_card_mismatch,
-            rescale_card=rescale_card,
-        )
-        if not (math.isfinite(max_dose) and max_dose > 0):
-            raise EnvError(f"max_dose must be a finite number > 0 (x highest Rx), got {max_dose!r}")
-        if not (math.isfinite(temperature_gy) and temperature_gy > 0):
-            raise EnvError(f"temperature_gy must be a finite number of Gy > 0, got {temperature_gy!r}")
-        self.max_dose = float(max_dose)
-        self.temperature_gy = float(temperature_gy)
-        self.action_space = spaces.Box(0.0, self.max_dose, self.gen_shape, np.float32)
-        self.observation_space = spaces.Dict(self.cond_spaces())
-        self._cd: CaseData | None = None
-        self._dose: torch.Tensor | None = None
-        self._done = False
-
-    def reset(
-        self, *, seed: int | None = None, options: dict[str, Any] | None = None
-    ) -> tuple[dict[str, Any], dict[str, Any]]:
-        super().reset(seed=check_seed(seed))
-        cd = self._choose_case(self.np_random, options)
-        self._cd, self._dose, self._done, self._last_report = cd, None, False, None
-        info = {
-            "case_id": cd.case.case_id,
-            "case_key": cd.key,
-            "scorecard": cd.card.name,
-            "score_matched_fraction": cd.fit.matched_fraction,
-            "rx_gy": cd.rx_gy,
-        }
-        return self.cond_obs(cd), info
-
-    def step(self, action: Any) -> tuple[dict[str, Any], float, bool, bool, dict[str, Any]]:
-        if self._cd is None:
-            raise EnvError("step() before reset(): call reset() first")
-        if self._done:
-            raise EnvError("the episode has ended (one step); call reset() to start a new one")
-        x = self.as_action(action, self.action_space)
-        reward, info = self.finish(self._cd, x[0], None, None)
-        self._dose, self._done = x[0], True
-        info["rx_gy"] = self._cd.rx_gy
-        return self.cond_obs(self._cd), float(reward), True, False, info
+    core_class = BanditCore
 
     def soft_score(self, dose: torch.Tensor) -> torch.Tensor:
         """The reward's smooth twin: normalised soft scorecard total ``(B,)`` of model-grid
@@ -145,19 +139,19 @@ class ScorecardBanditEnv(DoseEnvBase):
         decoded onto the case grid as the reward decodes them and scored with the card's
         soft metrics (:mod:`dosegym.scorecards.soft`, smoothing ``temperature_gy``);
         differentiable with respect to ``dose``."""
-        if self._cd is None:
-            raise EnvError("soft_score() before reset(): call reset() first")
-        if dose.ndim != 5 or tuple(dose.shape[1:]) != self.gen_shape:
-            raise EnvError(f"soft_score: dose shape {tuple(dose.shape)}; expected (B, *{self.gen_shape})")
-        cd = self._cd
-        dose_gy = cd.resampler.decode(dose.to(self.device)[:, 0])
-        if "soft_card" not in cd.extras:
-            cd.extras["soft_card"] = SoftScorecard(cd.bound)
-        return cd.extras["soft_card"].score(dose_gy, temperature=self.temperature_gy).normalised
+        return self.core.soft_score(0, dose)
 
-    def current_x0(self) -> tuple[CaseData, torch.Tensor] | None:
-        if self._cd is None:
-            return None
-        if self._dose is None:
-            return self._cd, torch.zeros(self.gen_shape, device=self.device)
-        return self._cd, self._dose
+
+class ScorecardBanditVectorEnv(DoseVectorEnv):
+    """``num_envs`` Bandit episodes at once (see :class:`~dosegym.envs.adapters.DoseVectorEnv`):
+    actions ``(B, C, Z, Y, X)``, every sub-env terminating after its one step."""
+
+    core_class = BanditCore
+
+    def soft_score(self, dose: torch.Tensor) -> torch.Tensor:
+        """Soft totals ``(B,)`` of doses ``(B, C, Z, Y, X)``, row ``i`` for sub-env ``i``'s case."""
+        if dose.ndim != 5 or dose.shape[0] != self.num_envs:
+            raise EnvError(
+                f"soft_score: dose shape {tuple(dose.shape)}; expected ({self.num_envs}, C, Z, Y, X)"
+            )
+        return torch.cat([self.core.soft_score(i, dose[i : i + 1]) for i in range(self.num_envs)])

@@ -2,30 +2,139 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from gymnasium import spaces
 
-from dosegym.diffusion.policy import DosePolicy
-from dosegym.diffusion.sample import seeded_generator
-from dosegym.diffusion.slots import collate
-from dosegym.envs.base import (
-    CaseData,
-    DoseEnvBase,
-    ReverseChain,
-    check_seed,
-    log_prob_or_nan,
-    reject_unknown_kwargs,
-)
-from dosegym.envs.reward import RewardConfig, compose, gaussian_kl
+from dosegym.envs.adapters import CoreViews, DoseEnv, DoseVectorEnv
+from dosegym.envs.config import EnvConfig
+from dosegym.envs.core import ChainCore, Transition
+from dosegym.envs.reward import gaussian_kl
 from dosegym.errors import EnvError
-from dosegym.scorecards.scorecard import Scorecard
 
 
-class DenoiseDoseEnv(DoseEnvBase):
+@dataclass(frozen=True, eq=False)
+class DenoiseConfig(EnvConfig):
+    """DenoiseDose's arguments: :class:`~dosegym.envs.config.EnvConfig`'s plus ``x_bound``
+    (bound of the state and action Boxes)."""
+
+    x_bound: float = 20.0
+
+    CHECKS = {"x_bound": (">0", "a finite number > 0")}
+
+
+class DenoiseCore(ChainCore):
+    """B DenoiseDose episodes: the action is each episode's next state x_{t-1}."""
+
+    config_class = DenoiseConfig
+
+    def __init__(self, config: DenoiseConfig, batch: int, unbatched: bool = False) -> None:
+        super().__init__(config, batch, unbatched)
+        xb = config.x_bound
+        self.single_action_space = spaces.Box(-xb, xb, self.gen_shape, np.float32)
+        self.single_observation_space = spaces.Dict(
+            {
+                "x_t": spaces.Box(-xb, xb, self.gen_shape, np.float32),
+                "timestep": spaces.Box(0.0, 1.0, (1,), np.float32),
+                **self.cond_spaces(),
+            }
+        )
+        self._agent: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def _begin(self, rngs: list[np.random.Generator]) -> list[dict[str, Any]]:
+        self._agent = None
+        return super()._begin(rngs)
+
+    def _chain_step(self, actions: Any) -> Transition:
+        a = self.as_action(actions, self.single_action_space)
+        dist = self.chain.distribution()
+        kl = None
+        if self._agent is not None and bool((dist.std > 0).all()):
+            kl = gaussian_kl(self._agent[0], self._agent[1], dist.mean, dist.std).cpu().numpy()
+        self._agent = None
+        log_prob = self.chain.step(a).log_prob
+        assert log_prob is not None
+        extras = [{"log_prob": float(lp)} for lp in log_prob.cpu().numpy()]
+        return Transition(a, dist.pred_original_sample, kl, False, extras)
+
+    def observation(self) -> dict[str, Any]:
+        assert self.chain.x is not None
+        return {"x_t": self.to_obs(self.chain.x), "timestep": self.timestep_obs(), **self.batch_cond_obs()}
+
+    def current_x0(self, i: int) -> torch.Tensor:
+        return self.x0()[i]
+
+    # -- agent helpers (batched) ------------------------------------------------------------
+    def policy_step(self, x_t: Any = None) -> tuple[Any, Any]:
+        """The pretrained Gaussians ``(mean (B, C, Z, Y, X), std (B, 1, 1, 1, 1))`` of the
+        current step, from the state or from another ``x_t``."""
+        self.check_running()
+        dist = self.chain.distribution()
+        if x_t is not None:
+            x = self.as_action(x_t, self.single_observation_space["x_t"])
+            if not torch.equal(x, self.chain.x):
+                dist = self.chain.distribution_at(x)
+        return self.to_obs(dist.mean), self.to_obs(dist.std)
+
+    def sample_noise(self) -> Any:
+        """This step's noise ``(B, C, Z, Y, X)``, each episode's from its own generator."""
+        self.check_running()
+        return self.to_obs(self.chain.noise())
+
+    def set_agent_gaussian(self, mean: Any, std: Any) -> None:
+        """The acting policy's Gaussians of the coming step (means as actions, std > 0
+        broadcastable to them); the step charges and logs the KL (next step only)."""
+        self.check_running()
+        m = self.as_action(mean, self.single_action_space)
+        s = torch.as_tensor(std if isinstance(std, torch.Tensor) else np.asarray(std, np.float32))
+        s = s.to(self.device, torch.float32)
+        if self.unbatched and s.ndim == len(self.gen_shape):
+            s = s[None]
+        if not bool(torch.isfinite(s).all()) or not bool((s > 0).all()):
+            raise EnvError("set_agent_gaussian: std must be finite and > 0")
+        try:
+            ok = torch.broadcast_shapes(s.shape, m.shape) == m.shape
+        except RuntimeError:
+            ok = False
+        if not ok:
+            raise EnvError(
+                f"set_agent_gaussian: std shape {tuple(s.shape)} does not broadcast to {tuple(m.shape)}"
+            )
+        self._agent = (m, s)
+
+
+class DenoiseHelpers(CoreViews):
+    """DenoiseDose's agent helpers on an adapter (unbatched on the single env)."""
+
+    core: DenoiseCore
+
+    def policy_step(self, obs: dict[str, Any] | None = None) -> tuple[Any, Any]:
+        """The pretrained policy's Gaussian of the current step: ``(mean, std)``, mean like
+        an action, std ``(1, 1, 1, 1)`` per episode (numpy float32 or torch, as
+        ``obs_backend``). ``obs``: the current observation (default); an observation whose
+        ``x_t`` differs from the env's state gives the Gaussian from that ``x_t`` at the
+        current timestep."""
+        mean, std = self.core.policy_step(self._given_x(obs))
+        return self._out(mean), self._out(std)
+
+    def sample_noise(self) -> Any:
+        """Standard normal noise like an action for the current step, drawn from the
+        episode's generator (call once per step, as the sampler does, to stay on the seeded
+        path)."""
+        return self._out(self.core.sample_noise())
+
+    def set_agent_gaussian(self, mean: Any, std: Any) -> None:
+        """Tell the env the acting policy's Gaussian of the coming step (``mean`` like an
+        action, ``std`` > 0 broadcastable to it) so that the step charges
+        ``w_kl * KL(agent || pretrained)`` and logs ``info["kl"]`` (not on a deterministic
+        pretrained step, std = 0, which has no KL). Applies to the next step only."""
+        self.core.set_agent_gaussian(mean, std)
+
+
+class DenoiseDoseEnv(DenoiseHelpers, DoseEnv):
     """
     ## Description
 
@@ -117,7 +226,8 @@ class DenoiseDoseEnv(DoseEnvBase):
       to it first (:meth:`~dosegym.scorecards.Scorecard.rescaled`, PlanScoreCard's rules;
       default False).
 
-    An unknown keyword raises ``EnvError`` naming the valid ones; ``reset(seed=...)`` takes
+    The arguments are the fields of :class:`DenoiseConfig` (also accepted whole as
+    ``config=``). An unknown keyword raises ``EnvError`` naming the valid ones; ``reset(seed=...)`` takes
     None or an integer >= 0. A model output (x̂0, step mean) or decoded dose with NaN or
     infinite values raises ``ModelError`` naming the step and the case.
 
@@ -127,150 +237,14 @@ class DenoiseDoseEnv(DoseEnvBase):
     ```
     """
 
-    def __init__(
-        self,
-        policy: DosePolicy | None = None,
-        cases: Any = "phantoms:headneck",
-        scorecard: str | Path | Scorecard | None = None,
-        steps: int = 20,
-        reward: RewardConfig | dict[str, Any] | None = None,
-        device: str | torch.device | None = None,
-        obs_backend: str = "numpy",
-        render_mode: str | None = None,
-        x_bound: float = 20.0,
-        case_cache: int = 16,
-        allow_card_mismatch: bool = False,
-        rescale_card: bool = False,
-        **unknown: Any,
-    ) -> None:
-        reject_unknown_kwargs(type(self), unknown)
-        super().__init__(
-            policy,
-            cases,
-            scorecard,
-            steps,
-            reward,
-            device,
-            obs_backend,
-            render_mode,
-            x_bound,
-            case_cache,
-            allow_card_mismatch=allow_card_mismatch,
-            rescale_card=rescale_card,
-        )
-        xb = self.x_bound
-        self.action_space = spaces.Box(-xb, xb, self.gen_shape, np.float32)
-        self.observation_space = spaces.Dict(
-            {
-                "x_t": spaces.Box(-xb, xb, self.gen_shape, np.float32),
-                "timestep": spaces.Box(0.0, 1.0, (1,), np.float32),
-                **self.cond_spaces(),
-            }
-        )
-        self.chain = ReverseChain(self.policy, self.steps)
-        self._cd: CaseData | None = None
-        self._x_obs: Any = None
-        self._agent: tuple[torch.Tensor, torch.Tensor] | None = None
+    core_class = DenoiseCore
 
-    # -- Gymnasium API ------------------------------------------------------------------
-    def reset(
-        self, *, seed: int | None = None, options: dict[str, Any] | None = None
-    ) -> tuple[dict[str, Any], dict[str, Any]]:
-        super().reset(seed=check_seed(seed))
-        cd = self._choose_case(self.np_random, options)
-        sampler_seed = self._sampler_seed(self.np_random)
-        self.chain.start(collate([cd.cond_input]).to(self.device), [seeded_generator(sampler_seed)], [cd.key])
-        self._cd, self._agent, self._last_report = cd, None, None
-        info = {
-            "case_id": cd.case.case_id,
-            "case_key": cd.key,
-            "sampler_seed": sampler_seed,
-            "scorecard": cd.card.name,
-            "score_matched_fraction": cd.fit.matched_fraction,
-            "step": 0,
-            "timestep": int(self.chain.t),
-        }
-        return self._obs(), info
 
-    def step(self, action: Any) -> tuple[dict[str, Any], float, bool, bool, dict[str, Any]]:
-        cd = self._running()
-        a = self.as_action(action, self.action_space)
-        dist = self.chain.distribution()
-        log_prob = float(log_prob_or_nan(a, dist.mean, dist.std)[0])
-        kl = None
-        if self._agent is not None and bool((dist.std > 0).all()):
-            kl = float(gaussian_kl(self._agent[0], self._agent[1], dist.mean, dist.std)[0])
-        self._agent = None
-        t = int(self.chain.t)
-        last = self.chain.k == self.steps - 1
-        pretrained_x0 = dist.pred_original_sample[0] if last else None
-        self.chain.advance(a)
-        if last:
-            reward, info = self.finish(cd, a[0], pretrained_x0, kl)
-        else:
-            reward, terms = compose(self.reward_config, None, None, kl)
-            info = {"reward_terms": terms}
-        info.update(step=self.chain.k, timestep=t, log_prob=log_prob)
-        if kl is not None:
-            info["kl"] = kl
-        return self._obs(), float(reward), last, False, info
+class DenoiseDoseVectorEnv(DenoiseHelpers, DoseVectorEnv):
+    """``num_envs`` DenoiseDose episodes in lockstep, one batched model forward per step
+    (see :class:`~dosegym.envs.adapters.DoseVectorEnv`). Agent helpers act on the whole
+    batch: ``policy_step(obs)`` -> ``(mean (B, C, Z, Y, X), std (B, 1, 1, 1, 1))``,
+    ``sample_noise()`` -> ``(B, C, Z, Y, X)`` (each sub-env's generator),
+    ``set_agent_gaussian(mean, std)``."""
 
-    # -- agent helpers --------------------------------------------------------------------
-    def policy_step(self, obs: dict[str, Any] | None = None) -> tuple[Any, Any]:
-        """The pretrained policy's Gaussian of the current step: ``(mean, std)``, mean
-        ``(C, Z, Y, X)``, std ``(1, 1, 1, 1)`` (numpy float32 or torch, as ``obs_backend``).
-
-        ``obs``: the current observation (default); an observation whose ``x_t`` differs
-        from the env's state gives the Gaussian from that ``x_t`` at the current timestep.
-        """
-        self._running()
-        dist = self.chain.distribution()
-        if obs is not None and obs.get("x_t") is not self._x_obs:
-            x = self.as_action(obs["x_t"], self.observation_space["x_t"])
-            if not torch.equal(x, self.chain.x):
-                dist = self.chain.distribution_at(x)
-        return self.to_obs(dist.mean[0]), self.to_obs(dist.std[0])
-
-    def sample_noise(self) -> Any:
-        """Standard normal noise ``(C, Z, Y, X)`` for the current step, drawn from the episode's
-        generator (call once per step, as the sampler does, to stay on the seeded path)."""
-        self._running()
-        return self.to_obs(self.chain.noise()[0])
-
-    def set_agent_gaussian(self, mean: Any, std: Any) -> None:
-        """Tell the env the acting policy's Gaussian of the coming step (``mean``
-        ``(C, Z, Y, X)``, ``std`` > 0 broadcastable to it) so that the step charges
-        ``w_kl * KL(agent || pretrained)`` and logs ``info["kl"]`` (not on a deterministic
-        pretrained step, std = 0, which has no KL). Applies to the next step only."""
-        self._running()
-        m = self.as_action(mean, self.action_space)
-        s = torch.as_tensor(np.asarray(std, dtype=np.float32) if not isinstance(std, torch.Tensor) else std)
-        s = s.to(self.device, torch.float32)
-        if s.ndim > len(self.gen_shape) or not bool(torch.isfinite(s).all()) or not bool((s > 0).all()):
-            raise EnvError("set_agent_gaussian: std must be finite, > 0 and broadcastable to (C, Z, Y, X)")
-        self._agent = (m, s.reshape(1, *s.shape) if s.ndim == len(self.gen_shape) else s)
-
-    # -- internals ----------------------------------------------------------------------
-    def _running(self) -> CaseData:
-        if self._cd is None or self.chain.x is None:
-            raise EnvError("step() / policy_step() before reset(): call reset() first")
-        if not self.chain.running:
-            raise EnvError("the episode has ended (terminated); call reset() to start a new one")
-        return self._cd
-
-    def _obs(self) -> dict[str, Any]:
-        assert self._cd is not None and self.chain.x is not None
-        self._x_obs = self.to_obs(self.chain.x[0])
-        ts = np.array([self.chain.timestep_fraction()], dtype=np.float32)
-        return {
-            "x_t": self._x_obs,
-            "timestep": ts if self.obs_backend == "numpy" else torch.from_numpy(ts).to(self.device),
-            **self.cond_obs(self._cd),
-        }
-
-    def current_x0(self) -> tuple[CaseData, torch.Tensor] | None:
-        if self._cd is None or self.chain.x is None:
-            return None
-        if not self.chain.running:
-            return self._cd, self.chain.x[0]
-        return self._cd, self.chain.distribution().pred_original_sample[0]
+    core_class = DenoiseCore

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import math
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -11,25 +10,121 @@ import torch
 import torch.nn.functional as F
 from gymnasium import spaces
 
-from dosegym.diffusion.policy import DosePolicy
-from dosegym.diffusion.sample import seeded_generator
-from dosegym.diffusion.slots import collate
-from dosegym.envs.base import (
-    CaseData,
-    DoseEnvBase,
-    ReverseChain,
-    check_seed,
-    count_arg,
-    default_card_name,
-    reject_unknown_kwargs,
-)
-from dosegym.envs.reward import RewardConfig, compose, gaussian_kl
-from dosegym.errors import EnvError
+from dosegym.envs.adapters import DoseEnv, DoseVectorEnv
+from dosegym.envs.cases import CaseData
+from dosegym.envs.config import TEMPERATURE_CHECK, EnvConfig
+from dosegym.envs.core import ChainCore, Transition
+from dosegym.envs.guidance import SoftScorer
+from dosegym.envs.reward import gaussian_kl
 from dosegym.scorecards.groups import GROUP_NAMES
-from dosegym.scorecards.scorecard import Scorecard
+
+#: Bound of the ``features`` Box (pooled x_t and x̂0, model units).
+FEATURE_BOUND = 20.0
 
 
-class GuidedDoseEnv(DoseEnvBase):
+@dataclass(frozen=True, eq=False)
+class GuidedConfig(EnvConfig):
+    """GuidedDose's arguments: :class:`~dosegym.envs.config.EnvConfig`'s plus
+    ``guidance_scale`` (>= 0, units of the highest Rx), ``temperature_gy`` (> 0) and ``pool``."""
+
+    guidance_scale: float = 0.1
+    temperature_gy: float = 1.0
+    pool: int = 4
+
+    CHECKS = {
+        "guidance_scale": (">=0", "a finite number >= 0"),
+        "temperature_gy": TEMPERATURE_CHECK,
+        "pool": ("count", ""),
+    }
+
+
+class GuidedCore(ChainCore):
+    """B GuidedDose episodes: the action is each episode's guidance weights."""
+
+    config_class = GuidedConfig
+
+    config: GuidedConfig
+
+    def __init__(self, config: GuidedConfig, batch: int, unbatched: bool = False) -> None:
+        super().__init__(config, batch, unbatched)
+        n_items = len(self.cards.fix_one_card(self.source, "GuidedDose").items)
+        n_features = 2 * self.gen_shape[0] * self.config.pool**3
+        self.single_action_space = spaces.Box(-1.0, 1.0, (len(GROUP_NAMES),), np.float32)
+        self.single_observation_space = spaces.Dict(
+            {
+                "timestep": spaces.Box(0.0, 1.0, (1,), np.float32),
+                "scores": spaces.Box(0.0, 1.0, (n_items,), np.float32),
+                "features": spaces.Box(-FEATURE_BOUND, FEATURE_BOUND, (n_features,), np.float32),
+            }
+        )
+        self._items: torch.Tensor | None = None
+        self._dirs: torch.Tensor | None = None
+
+    def soft_scorer(self, cd: CaseData) -> SoftScorer:
+        """The case's soft scorer on the model grid (cached per case)."""
+        if cd.soft is None:
+            cd.soft = SoftScorer(cd.card, cd.case, cd.resampler, self.config.temperature_gy)
+        return cd.soft
+
+    def _begin(self, rngs: list[np.random.Generator]) -> list[dict[str, Any]]:
+        extras = super()._begin(rngs)
+        self._after_step()
+        return extras
+
+    def _chain_step(self, actions: Any) -> Transition:
+        weights = (self.as_action(actions, self.single_action_space) + 1.0) / 2.0
+        assert self._dirs is not None and self.chain.x is not None
+        dist, x = self.chain.distribution(), self.chain.x
+        w = weights.reshape(*weights.shape, *([1] * (self._dirs.ndim - 2)))
+        delta = self.config.guidance_scale * (w * self._dirs).sum(1)
+        guided = self.chain.step_from_output(
+            self.chain.output_for_x0(dist.pred_original_sample + delta, x), x
+        )
+        x_prev = guided.mean + guided.std * self.chain.noise()
+        kl = None
+        if bool((dist.std > 0).all()):
+            kl = gaussian_kl(guided.mean, guided.std, dist.mean, dist.std).cpu().numpy()
+        self.chain.step(x_prev)
+        extras = [
+            {
+                "guidance_weights": weights[i].cpu().numpy().tolist(),
+                "guidance_max": float(delta[i].abs().max()),
+            }
+            for i in range(self.batch)
+        ]
+        return Transition(x_prev, dist.pred_original_sample, kl, False, extras)
+
+    def _after_step(self) -> None:
+        """Soft item scores and group directions at the current state (scores only at the end)."""
+        assert self.chain.x is not None
+        softs = [self.soft_scorer(cd) for cd in self.cds]
+        if self.chain.running:
+            x0 = self.chain.distribution().pred_original_sample
+            pairs = [soft.group_directions(x0[i : i + 1]) for i, soft in enumerate(softs)]
+            self._items = torch.stack([p[0] for p in pairs])
+            self._dirs = torch.stack([p[1] for p in pairs])
+        else:
+            with torch.no_grad():
+                x = self.chain.x
+                self._items = torch.stack([soft.item_scores(x[i : i + 1])[0] for i, soft in enumerate(softs)])
+            self._dirs = None
+
+    def observation(self) -> dict[str, Any]:
+        assert self._items is not None and self.chain.x is not None
+        scores = torch.nan_to_num(self._items.float(), nan=0.0).clamp(0.0, 1.0)
+        pooled = F.adaptive_avg_pool3d(torch.cat([self.chain.x, self.x0()], dim=1), self.config.pool)
+        features = pooled.reshape(self.batch, -1).clamp(-FEATURE_BOUND, FEATURE_BOUND)
+        return {
+            "timestep": self.timestep_obs(),
+            "scores": self.to_obs(scores),
+            "features": self.to_obs(features),
+        }
+
+    def current_x0(self, i: int) -> torch.Tensor:
+        return self.x0()[i]
+
+
+class GuidedDoseEnv(DoseEnv):
     """
     ## Description
 
@@ -40,11 +135,11 @@ class GuidedDoseEnv(DoseEnvBase):
     universal / reconstruction guidance, rather than classifier guidance on x_t):
 
     1. the frozen model gives x̂0 = x̂0(x_t) and the unguided step Gaussian (mean, std);
-    2. for each objective group g (:data:`~dosegym.envs.base.GROUP_NAMES`: ``targets``, one
+    2. for each objective group g (:data:`~dosegym.scorecards.groups.GROUP_NAMES`: ``targets``, one
        group per canonical OAR group, ``hot_spots``; items assigned by
-       :func:`~dosegym.envs.base.objective_group`) the gradient with respect to x̂0 of the
+       :func:`~dosegym.scorecards.groups.objective_group`) the gradient with respect to x̂0 of the
        group's soft objective (its items' soft metrics on the model grid, Gy = x̂0 x highest
-       Rx, each along its scoring curve's slope, see :class:`~dosegym.envs.base.SoftScorer`)
+       Rx, each along its scoring curve's slope, see :class:`~dosegym.scorecards.soft_card.SoftScorecard`)
        is scaled so that its largest voxel value is 1: d_g;
     3. x̂0' = x̂0 + guidance_scale * sum_g w_g d_g, with w_g = (a_g + 1) / 2 in [0, 1];
     4. the model output implied by x̂0' at x_t is fed to the sampler's step, giving the guided
@@ -101,173 +196,14 @@ class GuidedDoseEnv(DoseEnvBase):
     soft metrics, default 1 Gy) and ``pool`` (an integer >= 1, default 4).
     One card scores every case: ``scorecard`` or, without one, the default card of the
     source's site (a source whose sites need different default cards raises ``EnvError``).
+    The arguments are the fields of :class:`GuidedConfig` (also accepted whole as ``config=``).
     """
 
-    def __init__(
-        self,
-        policy: DosePolicy | None = None,
-        cases: Any = "phantoms:headneck",
-        scorecard: str | Path | Scorecard | None = None,
-        steps: int = 20,
-        reward: RewardConfig | dict[str, Any] | None = None,
-        device: str | torch.device | None = None,
-        obs_backend: str = "numpy",
-        render_mode: str | None = None,
-        guidance_scale: float = 0.1,
-        temperature_gy: float = 1.0,
-        pool: int = 4,
-        case_cache: int = 16,
-        allow_card_mismatch: bool = False,
-        rescale_card: bool = False,
-        **unknown: Any,
-    ) -> None:
-        reject_unknown_kwargs(type(self), unknown)
-        super().__init__(
-            policy,
-            cases,
-            scorecard,
-            steps,
-            reward,
-            device,
-            obs_backend,
-            render_mode,
-            case_cache=case_cache,
-            allow_card_mismatch=allow_card_mismatch,
-            rescale_card=rescale_card,
-        )
-        if not (math.isfinite(guidance_scale) and guidance_scale >= 0):
-            raise EnvError(f"guidance_scale must be a finite number >= 0, got {guidance_scale!r}")
-        if not (math.isfinite(temperature_gy) and temperature_gy > 0):
-            raise EnvError(f"temperature_gy must be a finite number of Gy > 0, got {temperature_gy!r}")
-        self.guidance_scale = float(guidance_scale)
-        self.temperature_gy = float(temperature_gy)
-        self.pool = count_arg("pool", pool)
-        self.cards.fixed = self._one_card()
-        n_items = len(self.cards.fixed.items)
-        n_features = 2 * self.gen_shape[0] * self.pool**3
-        self.action_space = spaces.Box(-1.0, 1.0, (len(GROUP_NAMES),), np.float32)
-        self.observation_space = spaces.Dict(
-            {
-                "timestep": spaces.Box(0.0, 1.0, (1,), np.float32),
-                "scores": spaces.Box(0.0, 1.0, (n_items,), np.float32),
-                "features": spaces.Box(-self.x_bound, self.x_bound, (n_features,), np.float32),
-            }
-        )
-        self.chain = ReverseChain(self.policy, self.steps)
-        self._cd: CaseData | None = None
-        self._items: torch.Tensor | None = None
-        self._dirs: torch.Tensor | None = None
+    core_class = GuidedCore
 
-    def _one_card(self) -> Scorecard:
-        if self.cards.fixed is not None:
-            return self.cards.fixed
-        names = set()
-        for i in range(len(self.source)):
-            site, is_phantom = self.source.site(i)
-            if site is not None:
-                names.add(default_card_name(site, bool(is_phantom)))
-        if not names:
-            case = self.source.load(0)
-            names.add(default_card_name(case.meta.get("site"), case.meta.get("format") == "phantom"))
-        if len(names) > 1:
-            raise EnvError(
-                f"GuidedDose scores every case with one card, but the source's sites need "
-                f"{sorted(names)}; pass scorecard= or a single-site source"
-            )
-        return self.cards.load(names.pop())
 
-    # -- Gymnasium API ------------------------------------------------------------------
-    def reset(
-        self, *, seed: int | None = None, options: dict[str, Any] | None = None
-    ) -> tuple[dict[str, Any], dict[str, Any]]:
-        super().reset(seed=check_seed(seed))
-        cd = self._choose_case(self.np_random, options)
-        sampler_seed = self._sampler_seed(self.np_random)
-        self.chain.start(collate([cd.cond_input]).to(self.device), [seeded_generator(sampler_seed)], [cd.key])
-        self._cd, self._last_report = cd, None
-        self._analyse()
-        info = {
-            "case_id": cd.case.case_id,
-            "case_key": cd.key,
-            "sampler_seed": sampler_seed,
-            "scorecard": cd.card.name,
-            "score_matched_fraction": cd.fit.matched_fraction,
-            "step": 0,
-            "timestep": int(self.chain.t),
-        }
-        return self._obs(), info
+class GuidedDoseVectorEnv(DoseVectorEnv):
+    """``num_envs`` GuidedDose episodes in lockstep, one batched model forward per step (see
+    :class:`~dosegym.envs.adapters.DoseVectorEnv`); actions ``(B, n_groups)``."""
 
-    def step(self, action: Any) -> tuple[dict[str, Any], float, bool, bool, dict[str, Any]]:
-        cd = self._running()
-        weights = (self.as_action(action, self.action_space)[0] + 1.0) / 2.0
-        assert self._dirs is not None and self.chain.x is not None
-        dist = self.chain.distribution()
-        x, t = self.chain.x, self.chain.t
-        delta = self.guidance_scale * (weights.reshape(-1, 1, 1, 1, 1) * self._dirs).sum(0, keepdim=True)
-        guided = self.chain.step_from_output(
-            self.chain.output_for_x0(dist.pred_original_sample + delta, x, t), x, t
-        )
-        x_prev = guided.mean + guided.std * self.chain.noise()
-        kl = None
-        if bool((dist.std > 0).all()):
-            kl = float(gaussian_kl(guided.mean, guided.std, dist.mean, dist.std)[0])
-        last = self.chain.k == self.steps - 1
-        pretrained_x0 = dist.pred_original_sample[0]
-        self.chain.advance(x_prev)
-        if last:
-            reward, info = self.finish(cd, x_prev[0], pretrained_x0, kl)
-        else:
-            reward, terms = compose(self.reward_config, None, None, kl)
-            info = {"reward_terms": terms}
-        self._analyse()
-        info.update(
-            step=self.chain.k,
-            timestep=int(t),
-            guidance_weights=weights.cpu().numpy().tolist(),
-            guidance_max=float(delta.abs().max()),
-        )
-        if kl is not None:
-            info["kl"] = kl
-        return self._obs(), float(reward), last, False, info
-
-    # -- internals ----------------------------------------------------------------------
-    def _analyse(self) -> None:
-        """Soft item scores and group directions at the current state (scores only at the end)."""
-        assert self._cd is not None and self.chain.x is not None
-        soft = self.soft_scorer(self._cd, self.temperature_gy)
-        if self.chain.running:
-            x0 = self.chain.distribution().pred_original_sample
-            self._items, self._dirs = soft.group_directions(x0)
-        else:
-            with torch.no_grad():
-                self._items = soft.item_scores(self.chain.x)[0]
-            self._dirs = None
-
-    def _running(self) -> CaseData:
-        if self._cd is None or self.chain.x is None:
-            raise EnvError("step() before reset(): call reset() first")
-        if not self.chain.running:
-            raise EnvError("the episode has ended (terminated); call reset() to start a new one")
-        return self._cd
-
-    def _x0(self) -> torch.Tensor:
-        assert self.chain.x is not None
-        if self.chain.running:
-            return self.chain.distribution().pred_original_sample
-        return self.chain.x
-
-    def _obs(self) -> dict[str, Any]:
-        assert self._items is not None and self.chain.x is not None
-        scores = torch.nan_to_num(self._items.float(), nan=0.0).clamp(0.0, 1.0)
-        pooled = F.adaptive_avg_pool3d(torch.cat([self.chain.x, self._x0()], dim=1), self.pool)
-        ts = torch.tensor([self.chain.timestep_fraction()], dtype=torch.float32)
-        return {
-            "timestep": self.to_obs(ts),
-            "scores": self.to_obs(scores),
-            "features": self.to_obs(pooled.reshape(-1).clamp(-self.x_bound, self.x_bound)),
-        }
-
-    def current_x0(self) -> tuple[CaseData, torch.Tensor] | None:
-        if self._cd is None or self.chain.x is None:
-            return None
-        return self._cd, self._x0()[0]
+    core_class = GuidedCore

@@ -22,15 +22,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from dosegym.data.case import Case
+from dosegym.data.sites import SITES, PhantomId, is_phantom, is_phantom_ref, parse_phantom_ref
 from dosegym.errors import DosegymError, EnvError
 
 VALID_FORMS = (
-    "'phantoms', 'phantoms:SITE' or 'phantoms:SITE/N' (SITE one of headneck, prostate, lung); "
+    f"'phantoms', 'phantoms:SITE' or 'phantoms:SITE/N' (SITE one of {', '.join(SITES)}); "
     "a folder of OpenKBP pt_* folders or of phantom .npz files; a path to one case; "
     "or a list of paths and/or Case objects"
 )
-_SITES = ("headneck", "prostate", "lung")
-_PHANTOM_ID = re.compile(r"^phantoms(?::(?P<site>[a-z]+)(?:/(?P<index>\d+))?)?$")
 _PT = re.compile(r"^pt_(\d+)$")
 
 CaseRef = str | Case
@@ -62,14 +61,15 @@ class CaseSource:
         """``(site, is_phantom)`` of case ``index`` when known without reading it, else Nones."""
         ref = self.refs[index]
         if isinstance(ref, Case):
-            return ref.meta.get("site"), ref.meta.get("format") == "phantom"
-        if ref.startswith("phantoms:"):
-            return ref.split(":", 1)[1].split("/", 1)[0], True
+            return ref.meta.get("site"), is_phantom(ref)
+        parsed = parse_phantom_ref(ref)
+        if parsed is not None:
+            return parsed[0], True
         if _PT.match(Path(ref).name):
             return "headneck", False
         if index in self._cache:
             case = self._cache[index]
-            return case.meta.get("site"), case.meta.get("format") == "phantom"
+            return case.meta.get("site"), is_phantom(case)
         return None, None
 
     def load(self, index: int) -> Case:
@@ -93,13 +93,13 @@ class CaseSource:
         return case
 
 
-def _phantom_ids(site: str | None, index: str | None, text: str) -> list[str]:
+def _phantom_ids(site: str | None, index: int | None, text: str) -> list[str]:
     from dosegym.data.phantoms import shipped_phantom_ids
 
-    if site is not None and site not in _SITES:
-        raise EnvError(f"case source {text!r}: unknown phantom site {site!r}; valid: {list(_SITES)}")
+    if site is not None and site not in SITES:
+        raise EnvError(f"case source {text!r}: unknown phantom site {site!r}; valid: {list(SITES)}")
     if index is not None:
-        return [f"phantoms:{site}/{int(index)}"]
+        return [str(PhantomId(site, index))]
     try:
         return shipped_phantom_ids(site)
     except DosegymError as exc:
@@ -131,9 +131,9 @@ def _expand(cases: object) -> list[CaseRef]:
         return [cases]
     if isinstance(cases, (str, Path)):
         text = str(cases)
-        m = _PHANTOM_ID.match(text)
-        if m:
-            return list(_phantom_ids(m["site"], m["index"], text))
+        parsed = parse_phantom_ref(text)
+        if parsed is not None:
+            return _phantom_ids(*parsed, text)
         if text.startswith("phantoms"):
             raise EnvError(f"case source {text!r} is not a valid phantom source; valid forms: {VALID_FORMS}")
         p = Path(text)
@@ -150,7 +150,7 @@ def _expand(cases: object) -> list[CaseRef]:
                 out.append(item)
             elif isinstance(item, (str, Path)):
                 text = str(item)
-                if not text.startswith("phantoms:") and not Path(text).exists():
+                if not is_phantom_ref(text) and not Path(text).exists():
                     raise EnvError(
                         f"case source item {i} ({text!r}): no such file or folder; valid forms: {VALID_FORMS}"
                     )

@@ -5,7 +5,7 @@ weigh them the same way (:meth:`dosegym.scorecards.soft_card.SoftScorecard.group
 
 from __future__ import annotations
 
-from dosegym.data.case import BODY_NAMES, TARGET_PREFIXES, Case, canonical_name
+from dosegym.data.case import TARGET_PREFIXES, Case, canonical_name, is_body_name
 from dosegym.data.oar_groups import OAR_GROUPS, oar_group
 
 #: The objective groups: targets (coverage), one per canonical OAR group, hot spots.
@@ -23,9 +23,8 @@ def objective_group(item_structure: str, falling: bool, case: Case) -> int:
     key = canonical_name(item_structure)
     rx_targets = {canonical_name(rx.target) for rx in case.prescriptions}
     is_target = key in rx_targets or key.startswith(tuple(p.lower() for p in TARGET_PREFIXES))
-    is_body = key in {canonical_name(b) for b in BODY_NAMES}
     if is_target:
         return len(GROUP_NAMES) - 1 if falling else 0
-    if is_body:
+    if is_body_name(item_structure):
         return len(GROUP_NAMES) - 1
     return 1 + oar_group(item_structure)

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from shared_data import PT_108, TRAIN_PATS, need
+from shared_data import PT_108, REPO, TRAIN_PATS, need
 
-from dosegym.diffusion import Any2Any, DosePolicy, ModelConfig, ModelSpec, UNetConfig
+from dosegym.diffusion import Any2Any, DosePolicy, ModelConfig, ModelInput, ModelSpec, UNetConfig
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -56,3 +56,45 @@ def prostate_cases():
     from dosegym.data.phantoms import generate_anatomy
 
     return [generate_anatomy("prostate", index=i, seed=0) for i in range(2)]
+
+
+class PerSampleAny2Any(Any2Any):
+    """Runs every sample of a batch alone: its batched forward equals B forwards of one sample
+    bit for bit (a batched convolution rounds differently), so that a vector env can be
+    compared with single envs exactly."""
+
+    def forward(self, x_t, t, cond, drop=None):
+        rows = []
+        for i in range(cond.batch_size):
+            one = ModelInput(
+                {k: v[i : i + 1] for k, v in cond.tensors.items()},
+                dict(cond.roles),
+                cond.rx_max_gy[i : i + 1],
+                True,
+                {k: v[i : i + 1] for k, v in cond.available.items()},
+                cond.case_ids[i : i + 1],
+            )
+            ti = t if t.ndim == 0 else t[i : i + 1]
+            rows.append(super().forward(x_t[i : i + 1], ti, one, None if drop is None else drop[i : i + 1]))
+        return torch.cat(rows)
+
+
+@pytest.fixture(scope="session")
+def per_sample_policy(tiny_policy) -> DosePolicy:
+    """The tiny policy's weights in a :class:`PerSampleAny2Any`."""
+    model = PerSampleAny2Any(tiny_policy_config())
+    model.load_state_dict(tiny_policy.model.state_dict())
+    return DosePolicy(model.eval(), sampler="ddim", eta=1.0)
+
+
+def tiny_policy_with(prediction_type: str) -> DosePolicy:
+    """A tiny random policy predicting ``prediction_type`` with the shipped recipe's noise
+    schedule (configs/pretrain_shipped.yaml: cosine schedule, SNR shift)."""
+    from dosegym.diffusion import PretrainConfig
+
+    shipped = PretrainConfig.from_yaml(REPO / "configs" / "pretrain_shipped.yaml").model.diffusion
+    cfg = tiny_policy_config().model_copy(
+        update={"diffusion": shipped.model_copy(update={"prediction_type": prediction_type})}
+    )
+    torch.manual_seed(0)
+    return DosePolicy(Any2Any(cfg), sampler="ddim", eta=1.0)

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import dosegym  # noqa: F401
-from dosegym.envs.base import GROUP_NAMES
-from dosegym.envs.vector import DenoiseDoseVectorEnv
+from dosegym.envs.denoise import DenoiseDoseVectorEnv
+from dosegym.scorecards import GROUP_NAMES
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

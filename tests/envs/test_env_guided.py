@@ -5,10 +5,11 @@ from __future__ import annotations
 import gymnasium as gym
 import numpy as np
 import pytest
+from gymnasium.utils.env_checker import check_env
 
 import dosegym  # noqa: F401
-from dosegym.envs.base import GROUP_NAMES
 from dosegym.errors import EnvError
+from dosegym.scorecards import GROUP_NAMES
 
 STEPS = 4
 
@@ -91,3 +92,23 @@ def test_sb3_sac_runs(tiny_policy, prostate_cases):
     )
     model.learn(total_timesteps=24)
     assert model.num_timesteps == 24
+
+
+@pytest.mark.parametrize("prediction_type", ["sample", "epsilon"])
+def test_guidance_with_x0_and_epsilon_models(prediction_type, prostate_cases):
+    """The shipped recipe predicts x0 (``prediction_type: sample``); guidance edits x̂0 and
+    maps it back to the model's own output, so it works the same for every parametrisation."""
+    from conftest import tiny_policy_with
+
+    policy = tiny_policy_with(prediction_type)
+    case = prostate_cases[0]
+    env = make(policy, [case])
+    ptv, rectum = case.structures["PTV60"], case.structures["Rectum"]
+    base, kls = final_dose(env, 0, None)
+    # unguided steps are the pretrained steps (up to the rounding of x̂0 -> ε -> x̂0)
+    assert kls == pytest.approx([0.0] * STEPS, abs=1e-5)
+    up, kls_up = final_dose(env, 0, "targets")
+    assert min(kls_up) > 0 and up[ptv].mean() > base[ptv].mean()
+    down, _ = final_dose(env, 0, "oar_rectum_bladder")
+    assert down[rectum].mean() < base[rectum].mean()
+    check_env(env.unwrapped)

@@ -15,7 +15,7 @@ from shared_data import LUNG_JSON, need
 
 import dosegym  # noqa: F401
 from dosegym.diffusion import DosePolicy
-from dosegym.envs.vector import DenoiseDoseVectorEnv
+from dosegym.envs.denoise import DenoiseDoseVectorEnv
 from dosegym.errors import EnvError, ModelError
 from dosegym.scorecards import load_card
 

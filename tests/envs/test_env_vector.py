@@ -8,7 +8,7 @@ import pytest
 from gymnasium.vector import AutoresetMode
 
 import dosegym  # noqa: F401
-from dosegym.envs.vector import DenoiseDoseVectorEnv
+from dosegym.envs.denoise import DenoiseDoseVectorEnv
 from dosegym.errors import EnvError
 
 STEPS = 3
@@ -80,3 +80,92 @@ def test_make_vec_modes(mode, tiny_policy, prostate_cases):
         assert "score_total" in infos
     finally:
         venv.close()
+
+
+ENV_IDS = ("dosegym/DenoiseDose-v0", "dosegym/GuidedDose-v0", "dosegym/ScorecardBandit-v0")
+VECTOR_CLASSES = {
+    "dosegym/DenoiseDose-v0": "DenoiseDoseVectorEnv",
+    "dosegym/GuidedDose-v0": "GuidedDoseVectorEnv",
+    "dosegym/ScorecardBandit-v0": "ScorecardBanditVectorEnv",
+}
+
+
+def fixed_action(env_id, shape, i, k):
+    """Sub-env ``i``'s action at step ``k`` of the Guided and Bandit envs (the same for both sides)."""
+    if "Guided" in env_id:
+        return np.linspace(-1.0, 1.0, shape[0], dtype=np.float32)[::-1] * (-1.0) ** (i + k)
+    return np.full(shape, 0.25 * (i + 1), np.float32)
+
+
+def assert_info_equal(vector_info, i, single_info):
+    """Sub-env ``i`` of Gymnasium's batched info dict equals a single env's info, key by key."""
+    for key, value in single_info.items():
+        assert vector_info[f"_{key}"][i], key
+        if isinstance(value, dict):
+            assert_info_equal(vector_info[key], i, value)
+        else:
+            np.testing.assert_equal(vector_info[key][i], value, err_msg=key)
+
+
+@pytest.mark.parametrize("env_id", ENV_IDS)
+def test_native_vector_env_equals_single_envs_exactly(env_id, per_sample_policy, prostate_cases):
+    """B = 4 episodes of every kind's native vector env are 4 single envs with the seeds
+    s + i: the same cases, noise, observations, rewards and infos, bit for bit (the model
+    runs each sample alone, so the batched forward rounds as the single ones)."""
+    kw = dict(policy=per_sample_policy, cases=prostate_cases, steps=2, reward={"w_fid": 0.5, "w_kl": 0.5})
+    venv = gym.make_vec(env_id, num_envs=4, vectorization_mode="vector_entry_point", **kw)
+    assert type(venv).__name__ == VECTOR_CLASSES[env_id]
+    singles = [gym.make(env_id, disable_env_checker=True, **kw) for _ in range(4)]
+    v_obs, v_info = venv.reset(seed=100)
+    s_obs, s_info = zip(*(env.reset(seed=100 + i) for i, env in enumerate(singles)))
+    assert venv.observation_space.contains(v_obs)
+    assert len(set(v_info["case_key"])) == 2  # both cases drawn
+    done, k = False, 0
+    while True:
+        for i in range(4):
+            for key in s_obs[i]:
+                np.testing.assert_array_equal(v_obs[key][i], s_obs[i][key], err_msg=key)
+            assert_info_equal(v_info, i, s_info[i])
+        if done:
+            break
+        if "Denoise" in env_id:
+            mean, std = venv.policy_step(v_obs)
+            v_act = mean + std * venv.sample_noise()
+            s_act = []
+            for env, obs in zip(singles, s_obs):
+                m, s = env.unwrapped.policy_step(obs)
+                s_act.append(m + s * env.unwrapped.sample_noise())
+            np.testing.assert_array_equal(v_act, np.stack(s_act))
+        else:
+            s_act = [fixed_action(env_id, venv.single_action_space.shape, i, k) for i in range(4)]
+            v_act = np.stack(s_act)
+        v_obs, v_rew, v_term, v_trunc, v_info = venv.step(v_act)
+        s_obs, s_rew, s_term, _, s_info = zip(*(env.step(a) for env, a in zip(singles, s_act)))
+        np.testing.assert_array_equal(v_rew, np.array(s_rew))
+        assert list(v_term) == list(s_term) and not v_trunc.any()
+        done, k = bool(v_term.all()), k + 1
+    assert k == (1 if "Bandit" in env_id else 2) and "score_total" in v_info
+    # NEXT_STEP autoreset: the next step starts new episodes, as a reset of the singles would
+    obs, rewards, terminated, _, infos = venv.step(v_act)
+    assert (rewards == 0).all() and not terminated.any() and venv.observation_space.contains(obs)
+
+
+@pytest.mark.parametrize("env_id", ENV_IDS[1:])
+def test_guided_and_bandit_vector_envs_batch_the_real_model(env_id, tiny_policy, prostate_cases):
+    """With the real (batched) forward: the same draws, rewards within rounding."""
+    kw = dict(policy=tiny_policy, cases=prostate_cases, steps=2)
+    venv = gym.make_vec(env_id, num_envs=3, **kw)
+    _, v_info = venv.reset(seed=7)
+    single = gym.make(env_id, disable_env_checker=True, **kw)
+    for i in range(3):
+        _, info = single.reset(seed=7 + i)
+        assert info["case_key"] == v_info["case_key"][i]
+    done = False
+    while not done:
+        _, rewards, terminated, _, _ = venv.step(venv.action_space.sample())
+        done = terminated.all()
+    assert np.isfinite(rewards).all()
+    with pytest.raises(
+        EnvError, match=r"GuidedDoseVectorEnv: .*'num_envs'|ScorecardBanditVectorEnv: .*'num_envs'"
+    ):
+        gym.make_vec(env_id, num_envs=2, polcy=tiny_policy)

@@ -70,8 +70,9 @@ class _BlockMean:
 
 
 def test_guided_group_directions_are_unchanged(phantom):
-    """The fixture was written by the code this replaced (``envs.base.SoftScorer`` at 754d10e)."""
-    from dosegym.envs.base import SoftScorer
+    """The fixture was written by the code this replaced (``envs.base.SoftScorer`` at 754d10e,
+    now ``envs.guidance.SoftScorer`` over ``SoftScorecard``)."""
+    from dosegym.envs.guidance import SoftScorer
 
     ref = json.loads(FIXTURE.read_text())
     res = _BlockMean(phantom)

@@ -2,7 +2,7 @@
 
 ``make_scheduler("ddpm" | "ddim" | "dpm_solver", diffusion_config)``; every one runs with
 x̂0 clipping off. :func:`reverse_step` gives the mean, std and log-probability of a DDPM or
-DDIM step.
+DDIM step; :func:`x0_and_eps` / :func:`output_for_x0` convert between a model output and x̂0.
 """
 
 from __future__ import annotations
@@ -15,7 +15,15 @@ from dosegym.diffusion.config import DiffusionConfig
 from dosegym.diffusion.schedulers.ddim import make_ddim
 from dosegym.diffusion.schedulers.ddpm import make_ddpm
 from dosegym.diffusion.schedulers.dpm_solver import make_dpm_solver
-from dosegym.diffusion.schedulers.logprob import ReverseStepOutput, gaussian_log_prob, reverse_step
+from dosegym.diffusion.schedulers.logprob import (
+    PREDICTION_TYPES,
+    ReverseStepOutput,
+    gaussian_log_prob,
+    output_for_x0,
+    per_sample,
+    reverse_step,
+    x0_and_eps,
+)
 from dosegym.errors import ModelError
 
 Scheduler = DDPMScheduler | DDIMScheduler | DPMSolverMultistepScheduler
@@ -35,10 +43,14 @@ def make_scheduler(sampler: str, cfg: DiffusionConfig) -> Scheduler:
 
 
 __all__ = [
+    "PREDICTION_TYPES",
     "SAMPLERS",
     "ReverseStepOutput",
     "Scheduler",
     "gaussian_log_prob",
     "make_scheduler",
+    "output_for_x0",
+    "per_sample",
     "reverse_step",
+    "x0_and_eps",
 ]

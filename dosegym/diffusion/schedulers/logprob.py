@@ -18,13 +18,19 @@ log-probability is computed on ``prev_sample.detach()``: it is a function of the
 **Deterministic steps** (``std == 0``: DDIM with ``eta=0``, or DDPM's last step to t < 0):
 the Gaussian degenerates to a point mass and has no density. ``reverse_step`` then returns
 ``log_prob=None`` (``deterministic=True``) and :func:`gaussian_log_prob` raises
-``ModelError``; it never returns a fake 0, which would make every PPO ratio exactly 1.
+``ModelError`` or, with ``deterministic="nan"``, gives NaN for those samples; it never
+returns a fake 0, which would make every PPO ratio exactly 1.
+
+**x̂0 and the model output**: :func:`x0_and_eps` (model output -> x̂0, ε) and
+:func:`output_for_x0` (x̂0 -> the model output implying it) are the one place that knows
+what each ``prediction_type`` predicts; every step and every guidance goes through them.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
@@ -38,7 +44,9 @@ _LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 @dataclass
 class ReverseStepOutput:
     """One reverse step. ``std`` broadcasts against ``mean`` (shape ``(B, 1, ..., 1)``);
-    ``log_prob`` is ``(B,)`` (mean over elements) or ``None`` for a deterministic step."""
+    ``log_prob`` is ``(B,)`` (mean over elements): ``None`` for a deterministic step from
+    :func:`reverse_step`, NaN for each deterministic sample from
+    :meth:`dosegym.diffusion.chain.ReverseChain.step`."""
 
     prev_sample: torch.Tensor
     mean: torch.Tensor
@@ -48,23 +56,77 @@ class ReverseStepOutput:
 
     @property
     def deterministic(self) -> bool:
-        return self.log_prob is None
+        """True when any sample's step has std == 0 (no density)."""
+        return not bool((self.std > 0).all())
 
 
-def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+def gaussian_log_prob(
+    x: torch.Tensor,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    deterministic: Literal["raise", "nan"] = "raise",
+) -> torch.Tensor:
     """Per-sample log-density of ``x`` under ``N(mean, std^2)``, averaged over all non-batch
-    elements (see module docstring); raises ``ModelError`` if any ``std`` is not > 0."""
+    elements (see module docstring), ``(B,)``. A sample whose ``std`` is not > 0 has no
+    density: ``deterministic="raise"`` raises ``ModelError``, ``"nan"`` gives NaN for it."""
+    if deterministic not in ("raise", "nan"):
+        raise ModelError(f"gaussian_log_prob: deterministic must be 'raise' or 'nan', got {deterministic!r}")
     std = torch.as_tensor(std, dtype=mean.dtype, device=mean.device)
-    if not bool((std > 0).all()):
+    positive = std > 0
+    if deterministic == "raise" and not bool(positive.all()):
         raise ModelError(
             "log_prob of a deterministic step (std == 0, e.g. DDIM eta=0 or DDPM's last step) is undefined; "
             "use DDIM with eta > 0 for a stochastic policy"
         )
-    lp = -((x - mean) ** 2) / (2 * std**2) - torch.log(std) - _LOG_SQRT_2PI
-    return lp.reshape(lp.shape[0], -1).mean(dim=1)
+    safe = std if deterministic == "raise" else torch.where(positive, std, torch.ones_like(std))
+    lp = -((x - mean) ** 2) / (2 * safe**2) - torch.log(safe) - _LOG_SQRT_2PI
+    lp = lp.reshape(lp.shape[0], -1).mean(dim=1)
+    if deterministic == "raise":
+        return lp
+    ok = positive.reshape(-1).all() if positive.ndim == 0 else positive.reshape(positive.shape[0], -1).all(1)
+    return torch.where(ok, lp, torch.full_like(lp, math.nan))
 
 
-def _per_sample(values: torch.Tensor, index: torch.Tensor, ndim: int) -> torch.Tensor:
+PREDICTION_TYPES: tuple[str, ...] = ("epsilon", "sample", "v_prediction")
+
+
+def _check_prediction_type(prediction_type: str) -> None:
+    if prediction_type not in PREDICTION_TYPES:
+        raise ModelError(f"unknown prediction_type {prediction_type!r}; valid: epsilon, sample, v_prediction")
+
+
+def x0_and_eps(
+    prediction_type: str, model_output: torch.Tensor, sample: torch.Tensor, alpha_cumprod: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x̂0, ε̂)`` implied by ``model_output`` at ``sample`` = x_t, for a model predicting
+    ``prediction_type`` (``epsilon``: ε, ``sample``: x0, ``v_prediction``: v); ``alpha_cumprod``
+    is ᾱ_t, broadcastable to ``sample`` (e.g. ``(B, 1, 1, 1, 1)``)."""
+    _check_prediction_type(prediction_type)
+    beta = 1 - alpha_cumprod
+    if prediction_type == "epsilon":
+        return (sample - beta**0.5 * model_output) / alpha_cumprod**0.5, model_output
+    if prediction_type == "sample":
+        return model_output, (sample - alpha_cumprod**0.5 * model_output) / beta**0.5
+    x0 = alpha_cumprod**0.5 * sample - beta**0.5 * model_output
+    return x0, alpha_cumprod**0.5 * model_output + beta**0.5 * sample
+
+
+def output_for_x0(
+    prediction_type: str, x0: torch.Tensor, sample: torch.Tensor, alpha_cumprod: torch.Tensor
+) -> torch.Tensor:
+    """The model output that implies x̂0 = ``x0`` at ``sample`` = x_t: the inverse of
+    :func:`x0_and_eps` (same arguments)."""
+    _check_prediction_type(prediction_type)
+    beta = 1 - alpha_cumprod
+    if prediction_type == "epsilon":
+        return (sample - alpha_cumprod**0.5 * x0) / beta**0.5
+    if prediction_type == "v_prediction":
+        return (alpha_cumprod**0.5 * sample - x0) / beta**0.5
+    return x0
+
+
+def per_sample(values: torch.Tensor, index: torch.Tensor, ndim: int) -> torch.Tensor:
+    """``values[index]`` shaped ``(B, 1, ..., 1)`` to broadcast against ``ndim``-d samples."""
     return values[index].reshape(-1, *([1] * (ndim - 1)))
 
 
@@ -127,7 +189,7 @@ def reverse_step(
     if t.shape != (b,):
         raise ModelError(f"reverse_step: timestep must be a scalar or ({b},), got shape {tuple(t.shape)}")
     acp = scheduler.alphas_cumprod.to(dev)
-    a_t = _per_sample(acp, t, nd)
+    a_t = per_sample(acp, t, nd)
     if kind == "ddim":
         prev_t = t - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
         final = torch.as_tensor(scheduler.final_alpha_cumprod, device=dev, dtype=acp.dtype)
@@ -136,18 +198,7 @@ def reverse_step(
         final = torch.ones((), device=dev, dtype=acp.dtype)
     a_prev = torch.where(prev_t >= 0, acp[prev_t.clamp(min=0)], final).reshape(-1, *([1] * (nd - 1)))
     beta_t = 1 - a_t
-    pt = scheduler.config.prediction_type
-    if pt == "epsilon":
-        x0 = (sample - beta_t**0.5 * model_output) / a_t**0.5
-        eps = model_output
-    elif pt == "sample":
-        x0 = model_output
-        eps = (sample - a_t**0.5 * x0) / beta_t**0.5
-    elif pt == "v_prediction":
-        x0 = a_t**0.5 * sample - beta_t**0.5 * model_output
-        eps = a_t**0.5 * model_output + beta_t**0.5 * sample
-    else:
-        raise ModelError(f"unknown prediction_type {pt!r}; valid: epsilon, sample, v_prediction")
+    x0, eps = x0_and_eps(scheduler.config.prediction_type, model_output, sample, a_t)
     if kind == "ddim":
         variance = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
         std = eta * variance.clamp_min(0) ** 0.5

@@ -1,0 +1,48 @@
+"""GuidedDose's soft scorecard of one case on its model grid (:class:`SoftScorer`).
+
+Conventions: model-grid tensors are ``(B, C, Z, Y, X)`` in normalised units (dose: 1.0 = the
+case's highest prescription, ``unit_gy``); doses in Gy. The scoring itself, the objective
+groups and their guidance directions live in :class:`dosegym.scorecards.SoftScorecard`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dosegym.data.case import Case
+from dosegym.diffusion.slots import Resampler
+from dosegym.scorecards.model_grid import model_grid_case
+from dosegym.scorecards.scorecard import Scorecard
+from dosegym.scorecards.soft_card import SoftScorecard
+
+
+class SoftScorer:
+    """Normalised model-grid doses ``x`` -> Gy (``x[:, 0] * unit_gy``, zero outside the body),
+    scored by :class:`~dosegym.scorecards.soft_card.SoftScorecard` at ``temperature_gy`` on the
+    case resampled onto the model grid. ``unit_gy``: Gy of 1.0 in model units."""
+
+    def __init__(self, card: Scorecard, case: Case, res: Resampler, temperature_gy: float) -> None:
+        mcase = model_grid_case(case, res.model_grid, lambda a: res.to_model(a, "linear").numpy())
+        self.soft = SoftScorecard(card.bind(mcase, on_unmatched="report"))
+        self.unit_gy = float(res.rx_max_gy)
+        self.temperature_gy = float(temperature_gy)
+
+    def dose_gy(self, x: torch.Tensor, clamp: bool = True) -> torch.Tensor:
+        """Model-grid Gy of ``x``, clamped at 0 as decoding does unless ``clamp=False``
+        (guidance: the clamp would hide the gradient wherever x̂0 is negative)."""
+        dose = (x[:, 0].clamp_min(0.0) if clamp else x[:, 0]) * self.unit_gy
+        body = self.soft.body(dose.device)
+        return dose if body is None else dose * body.to(dose.dtype)
+
+    def item_scores(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised soft item scores ``(B, n_items)`` of ``x``."""
+        metrics = self.soft.metrics(self.dose_gy(x), temperature=self.temperature_gy)
+        return self.soft.item_scores(self.soft.points(metrics))
+
+    def group_directions(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Item scores ``(n_items,)`` of x̂0 ``(1, C, Z, Y, X)`` and each objective group's ascent
+        direction there, ``(n_groups, C, Z, Y, X)`` (:meth:`SoftScorecard.group_directions`)."""
+        x = x0.detach().clone().requires_grad_(True)
+        with torch.enable_grad():
+            dose = self.dose_gy(x, clamp=False)
+        return self.soft.group_directions(x, dose, self.dose_gy(x.detach()), temperature=self.temperature_gy)
