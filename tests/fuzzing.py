@@ -29,14 +29,10 @@ from typing import Any
 import numpy as np
 import yaml
 from hypothesis import strategies as st
+from shared_data import LUNG_JSON, PROSTATE_JSON, PT_108, REPO
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO / ".." / "shared" / "data"
-PATIENT = SHARED / "openkbp" / "train-pats" / "pt_108"
-MAAS_CARDS = {
-    "maas_lung": SHARED / "scorecards" / "SC_Lung(60Gy)_2022MAAS_ExampleV2.json",
-    "maas_prostate": SHARED / "scorecards" / "SC_ProstateSBRT-ARTIA-V1.2(KBPModel).json",
-}
+PATIENT = PT_108
+MAAS_CARDS = {"maas_lung": LUNG_JSON, "maas_prostate": PROSTATE_JSON}
 YAML_CARD = REPO / "dosegym" / "scorecards" / "cards" / "phantom_headneck.yaml"
 PHANTOM = REPO / "dosegym" / "assets" / "phantoms" / "headneck" / "headneck_028.npz"
 GDPHMM_NAME = "HNC_001+A4Ac+MOS_25934.npz"

@@ -39,6 +39,7 @@ from fuzzing import (
 )
 from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis import strategies as st
+from shared_data import need
 
 EXAMPLES = int(os.environ.get("DOSEGYM_FUZZ_EXAMPLES", "0")) or None
 FINDINGS = os.environ.get("DOSEGYM_FUZZ_FINDINGS")
@@ -103,12 +104,8 @@ TARGETS = [
 
 @pytest.fixture(scope="module")
 def seeds(tmp_path_factory) -> Seeds:
-    missing = [p for p in (PATIENT, *MAAS_CARDS.values()) if not p.exists()]
-    if missing:
-        message = f"real files for the fuzz test not found: {[str(p) for p in missing]}"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+    """The real seed files; missing shared data fails the test under CI=true (else skips)."""
+    need(PATIENT, *MAAS_CARDS.values())
     return Seeds(tmp_path_factory.mktemp("fuzz-seeds"))
 
 

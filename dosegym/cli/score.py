@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tokenize
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,7 @@ def _read_dose(path: Path, case) -> np.ndarray:
     if name.endswith(".npy"):
         try:  # memory-mapped: a header that claims a huge array allocates nothing
             dose = np.load(path, mmap_mode="r", allow_pickle=False)
-        except (ValueError, OSError, EOFError) as exc:
+        except (ValueError, OSError, EOFError, SyntaxError, tokenize.TokenError) as exc:  # damaged header
             raise DataError(f"{path}: not a readable .npy array ({exc})") from exc
         if not isinstance(dose, np.ndarray):
             raise DataError(f"{path}: holds an .npz archive, not one .npy array (z, y, x) in Gy")

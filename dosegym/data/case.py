@@ -80,6 +80,15 @@ def is_body_name(name: str) -> bool:
     return canonical_name(name) in _BODY_KEYS
 
 
+def _is_real(value: object) -> bool:
+    """A real number (not a bool, string or container): what a numeric field may hold."""
+    try:
+        kind = np.asarray(value).dtype.kind
+    except (TypeError, ValueError):
+        return False
+    return np.ndim(value) == 0 and kind in "iuf"
+
+
 @dataclass(frozen=True)
 class Prescription:
     """A dose prescription: ``dose_gy`` total over ``fractions`` fractions to ``target``."""
@@ -89,10 +98,14 @@ class Prescription:
     fractions: int
 
     def __post_init__(self) -> None:
-        if not np.isfinite(self.dose_gy) or self.dose_gy <= 0:
-            raise DataError(f"Prescription for {self.target!r}: dose_gy must be > 0, got {self.dose_gy}")
-        if int(self.fractions) < 1:
-            raise DataError(f"Prescription for {self.target!r}: fractions must be >= 1, got {self.fractions}")
+        if not isinstance(self.target, str) or not self.target:
+            raise DataError(f"Prescription: target must be a structure name, got {self.target!r}")
+        if not _is_real(self.dose_gy) or not np.isfinite(self.dose_gy) or self.dose_gy <= 0:
+            raise DataError(f"Prescription for {self.target!r}: dose_gy must be > 0, got {self.dose_gy!r}")
+        if not _is_real(self.fractions) or self.fractions != int(self.fractions) or self.fractions < 1:
+            raise DataError(
+                f"Prescription for {self.target!r}: fractions must be >= 1 and whole, got {self.fractions!r}"
+            )
         object.__setattr__(self, "dose_gy", float(self.dose_gy))
         object.__setattr__(self, "fractions", int(self.fractions))
 

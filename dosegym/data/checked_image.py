@@ -104,6 +104,193 @@ def read_nifti_voxels(path: str | Path) -> tuple[np.ndarray, float, float] | Non
     return np.frombuffer(raw, dtype=end + kind, count=math.prod(shape), offset=offset), slope, inter
 
 
+#: MetaImage element types ITK reads.
+_MET_TYPES = {
+    f"MET_{t}"
+    for t in (
+        "CHAR",
+        "UCHAR",
+        "SHORT",
+        "USHORT",
+        "INT",
+        "UINT",
+        "LONG",
+        "ULONG",
+        "LONG_LONG",
+        "ULONG_LONG",
+        "FLOAT",
+        "DOUBLE",
+    )
+}
+#: NRRD scalar types (the spellings of the NRRD 5 format).
+_NRRD_TYPES = {
+    "signed char",
+    "int8",
+    "int8_t",
+    "uchar",
+    "unsigned char",
+    "uint8",
+    "uint8_t",
+    "short",
+    "short int",
+    "signed short",
+    "signed short int",
+    "int16",
+    "int16_t",
+    "ushort",
+    "unsigned short",
+    "unsigned short int",
+    "uint16",
+    "uint16_t",
+    "int",
+    "signed int",
+    "int32",
+    "int32_t",
+    "uint",
+    "unsigned int",
+    "uint32",
+    "uint32_t",
+    "longlong",
+    "long long",
+    "long long int",
+    "signed long long",
+    "signed long long int",
+    "int64",
+    "int64_t",
+    "ulonglong",
+    "unsigned long long",
+    "unsigned long long int",
+    "uint64",
+    "uint64_t",
+    "float",
+    "double",
+}
+#: The most voxels an image may declare (a 2048 x 2048 x 1024 grid); beyond it a header is
+#: damaged or not a dose-planning image.
+MAX_IMAGE_VOXELS = 2**32
+
+
+def _numbers(path: Path, field: str, text: str, n: int, kind: type, positive: bool = False) -> list:
+    """``n`` numbers of ``kind`` in header field ``field``, else ``DataError`` naming it."""
+    parts = text.replace(",", " ").replace("(", " ").replace(")", " ").split()
+    try:
+        values = [kind(v) for v in parts]
+    except ValueError:
+        values = []
+    ok = len(values) == n and all(math.isfinite(v) and (v > 0 if positive else True) for v in values)
+    if not ok:
+        what = "integers" if kind is int else "numbers"
+        raise DataError(
+            f"{path}: header field {field} is {text.strip()[:80]!r}; expected {n} finite "
+            f"{'positive ' if positive else ''}{what}"
+        )
+    return values
+
+
+def check_image_header(path: str | Path) -> None:
+    """Check the text header of a MetaImage (``.mha`` / ``.mhd``) or NRRD (``.nrrd``) file
+    before ITK parses it: the dimension, sizes, spacing, origin, direction and voxel type must
+    be well formed (a damaged header can crash ITK's readers outright). ``DataError`` names
+    the field and what would be valid; other suffixes are not checked."""
+    path = Path(path)
+    name = path.name.lower()
+    if not name.endswith((".mha", ".mhd", ".nrrd")):
+        return
+    with open(path, "rb") as fh:
+        head = fh.read(65536)
+    if name.endswith(".nrrd"):
+        _check_nrrd_header(path, head)
+    else:
+        _check_meta_header(path, head)
+
+
+def _header_lines(path: Path, head: bytes, end: bytes, sep: str) -> dict[str, str]:
+    """``field -> value`` of the text header in ``head`` (up to ``end``), one ``field SEP value``
+    per line; lines without ``sep`` (comments, the magic line) are skipped."""
+    stop = head.find(end)
+    try:
+        text = (head if stop < 0 else head[:stop]).decode("ascii")
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: its header holds non-text bytes; the file is damaged") from None
+    fields = {}
+    for line in text.splitlines():
+        key, found, value = line.partition(sep)
+        if found and not key.startswith("#"):
+            fields[key.strip()] = value.strip()
+    return fields
+
+
+def _check_meta_header(path: Path, head: bytes) -> None:
+    fields = _header_lines(path, head, b"ElementDataFile", "=")
+    if "NDims" not in fields:
+        raise DataError(f"{path}: not a MetaImage file (no NDims field in its header)")
+    (ndims,) = _numbers(path, "NDims", fields["NDims"], 1, int, positive=True)
+    if ndims > 4:
+        raise DataError(f"{path}: header field NDims is {ndims}; an image has 1 to 4 dimensions")
+    sizes = _numbers(path, "DimSize", fields.get("DimSize", ""), ndims, int, positive=True)
+    if math.prod(sizes) > MAX_IMAGE_VOXELS:
+        raise DataError(f"{path}: header field DimSize {sizes} declares more than {MAX_IMAGE_VOXELS} voxels")
+    for key in ("ElementSpacing", "ElementSize"):
+        if key in fields:
+            _numbers(path, key, fields[key], ndims, float, positive=True)
+    for key in ("Offset", "Origin", "Position", "CenterOfRotation"):
+        if key in fields:
+            _numbers(path, key, fields[key], ndims, float)
+    for key in ("TransformMatrix", "Rotation", "Orientation"):
+        if key in fields:
+            _numbers(path, key, fields[key], ndims * ndims, float)
+    if "ElementNumberOfChannels" in fields:
+        (channels,) = _numbers(
+            path, "ElementNumberOfChannels", fields["ElementNumberOfChannels"], 1, int, True
+        )
+        if channels > 16:
+            raise DataError(f"{path}: header field ElementNumberOfChannels is {channels}; at most 16")
+    if "CompressedDataSize" in fields:
+        _numbers(path, "CompressedDataSize", fields["CompressedDataSize"], 1, int, positive=True)
+    if "HeaderSize" in fields:
+        (hs,) = _numbers(path, "HeaderSize", fields["HeaderSize"], 1, int)
+        if hs < -1:
+            raise DataError(f"{path}: header field HeaderSize is {hs}; expected -1 or a size >= 0")
+    etype = fields.get("ElementType", "")
+    if etype not in _MET_TYPES:
+        raise DataError(f"{path}: header field ElementType is {etype[:40]!r}; valid: {sorted(_MET_TYPES)}")
+
+
+def _check_nrrd_header(path: Path, head: bytes) -> None:
+    if not head.startswith(b"NRRD"):
+        raise DataError(f"{path}: not a NRRD file (it does not start with 'NRRD')")
+    fields = {k.lower(): v for k, v in _header_lines(path, head, b"\n\n", ":").items()}
+    (ndims,) = _numbers(path, "dimension", fields.get("dimension", ""), 1, int, positive=True)
+    if ndims > 4:
+        raise DataError(f"{path}: header field dimension is {ndims}; an image has 1 to 4 dimensions")
+    sizes = _numbers(path, "sizes", fields.get("sizes", ""), ndims, int, positive=True)
+    if math.prod(sizes) > MAX_IMAGE_VOXELS:
+        raise DataError(f"{path}: header field sizes {sizes} declares more than {MAX_IMAGE_VOXELS} voxels")
+    kind = " ".join(fields.get("type", "").split())
+    if kind not in _NRRD_TYPES:
+        raise DataError(f"{path}: header field type is {kind[:40]!r}; expected a scalar NRRD type")
+    space_dim = None
+    if "space dimension" in fields:
+        (space_dim,) = _numbers(path, "space dimension", fields["space dimension"], 1, int, positive=True)
+    elif "space" in fields:
+        space_dim = 3
+    if space_dim is not None:
+        if "space origin" in fields:
+            _numbers(path, "space origin", fields["space origin"], space_dim, float)
+        if "space directions" in fields:
+            vectors = [v for v in re.findall(r"\(([^)]*)\)", fields["space directions"])]
+            for vec in vectors:
+                _numbers(path, "space directions", vec, space_dim, float)
+            if len(vectors) != space_dim:
+                raise DataError(
+                    f"{path}: header field space directions holds {len(vectors)} vectors; "
+                    f"expected {space_dim}"
+                )
+    if "spacings" in fields:
+        parts = [v for v in fields["spacings"].split() if v.lower() != "nan"]
+        _numbers(path, "spacings", " ".join(parts), len(parts), float, positive=True)
+
+
 def _inflated_size(path: Path) -> int | None:
     """Decompressed size (bytes) of the voxel data of a compressed ``.mha`` / ``.nrrd`` file
     with its data inside, checksum verified; ``None`` when the data is not compressed
@@ -158,6 +345,8 @@ def read_checked_image(path: str | Path, what: str = "image") -> tuple[sitk.Imag
     name = path.name.lower()
     nifti = read_nifti_voxels(path) if name.endswith((".nii", ".nii.gz")) else None
     inflated = _inflated_size(path) if name.endswith((".mha", ".nrrd")) else None
+    if nifti is None:
+        check_image_header(path)
     try:
         if nifti is None:
             img = sitk.ReadImage(str(path))

@@ -221,6 +221,21 @@ def read_gdphmm(
     """
     p = Path(path)
     plan = _load_dict(p, trusted)
+    try:
+        return _plan_case(p, plan, prescriptions_json, site, fractions)
+    except DataError:
+        raise
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError, OverflowError) as exc:
+        raise DataError(
+            f"{p}: damaged GDP-HMM plan: a value has the wrong type or size ({type(exc).__name__}: "
+            f"{str(exc)[:200]})"
+        ) from exc
+
+
+def _plan_case(
+    p: Path, plan: dict, prescriptions_json: str | Path | None, site: str | None, fractions: int | None
+) -> Case:
+    """The case of an unpickled plan dict ``plan`` read from ``p`` (see :func:`read_gdphmm`)."""
     if "img" not in plan:
         raise DataError(f"{p}: the plan dict has no 'img' (CT); keys: {sorted(map(str, plan))[:12]}")
     ct = np.asarray(plan["img"])

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import tokenize
 import zipfile
 import zlib
 from pathlib import Path
@@ -216,12 +217,25 @@ def read_phantom_file(path: str | Path) -> Case:
                     tuple(z["beam_couch_deg"]) if "beam_couch_deg" in z.files else None,
                 )
             meta = json.loads(str(z["meta_json"])) if "meta_json" in z.files else {}
+            if not isinstance(meta, dict):
+                raise DataError(f"meta_json holds a {type(meta).__name__}; it must be a JSON object")
             case_id = str(_require(z, "case_id", p))
     except DataError as exc:
         if str(exc).startswith(str(p)):
             raise
         raise DataError(f"{p}: {exc}") from exc
-    except (ValueError, TypeError, KeyError, OSError, zipfile.BadZipFile, zlib.error) as exc:
+    except (
+        ValueError,
+        TypeError,
+        KeyError,
+        OSError,
+        OverflowError,
+        EOFError,
+        SyntaxError,
+        tokenize.TokenError,
+        zipfile.BadZipFile,
+        zlib.error,
+    ) as exc:  # a damaged member or npy header
         raise DataError(f"{p}: damaged phantom file ({type(exc).__name__}: {str(exc)[:200]})") from exc
     meta["source"] = str(p)
     meta["format"] = PHANTOM_FORMAT

@@ -173,6 +173,11 @@ def maas_to_dict(data: Any, name: str = "scorecard") -> dict[str, Any]:
         raise ScorecardValidationError(problems)
     dpf = data.get("DosePerFraction") or None
     fx = data.get("NumberOfFractions") or None
+    for key, value in (("DosePerFraction", dpf), ("NumberOfFractions", fx)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            problems.append(f"card: {key} must be a number, got {value!r}")
+    if problems:
+        raise ScorecardValidationError(problems)
     return {
         "name": data.get("TemplateName") or name,
         "site": data.get("Site"),

@@ -297,3 +297,14 @@ def test_converts_to_a_nifti_folder_with_the_organisers_plates(tmp_path: Path) -
     assert np.array_equal(back.meta["beam_plate"], case.meta["beam_plate"])
     assert np.array_equal(back.meta["angle_plate"], case.meta["angle_plate"])
     assert np.array_equal(back.dose, case.dose) and back.beams == case.beams
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [{"spacing": ("x", "y", "z")}, {"dose_scale": np.array([])}, {"size": ("x", 1, 2)}, {"isVMAT": []}],
+)
+def test_values_of_the_wrong_type_name_the_file(tmp_path: Path, changes) -> None:
+    """Found by the fuzz test: a plan value of the wrong type or size raised ValueError."""
+    path = save(tmp_path, organisers_plan(**changes))
+    with pytest.raises(DataError, match=re.escape(f"{path}: damaged GDP-HMM plan")):
+        read_gdphmm(path, trusted=True)

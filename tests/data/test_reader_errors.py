@@ -137,3 +137,60 @@ def test_garbled_gdphmm_pickle_with_trusted(tmp_path: Path, payload: bytes) -> N
         read_gdphmm(path, trusted=True)
     with pytest.raises(DataError, match=re.escape(f"{path}: cannot unpickle")):
         read_case(path, trusted=True)
+
+
+# -- what the fuzz test (tests/test_fuzz.py) found, one reproducer each -------------------------
+@pytest.mark.parametrize(
+    ("field", "token"),
+    [
+        ("NDims", "1e30"),
+        ("NDims", "-1"),
+        ("NDims", "99999999999"),
+        ("DimSize", "64 x 48"),
+        ("ElementType", ""),
+    ],
+)
+def test_a_damaged_metaimage_header_is_refused_before_itk_reads_it(tmp_path: Path, field, token) -> None:
+    """ITK's MetaImage reader crashed the process (SIGSEGV) on ``NDims = 1e30``."""
+    folder = tmp_path / "case"
+    write_nifti_folder(read_case(PHANTOM), folder, ext=".mha")
+    ct = folder / "ct.mha"
+    data = ct.read_bytes()
+    head, sep, rest = data.partition(b"ElementDataFile")
+    lines = [
+        (f"{field} = {token}".encode() if line.split(b"=")[0].strip() == field.encode() else line)
+        for line in head.split(b"\n")
+    ]
+    ct.write_bytes(b"\n".join(lines) + sep + rest)
+    with pytest.raises(DataError, match=re.escape(f"{ct}: header field {field}")):
+        read_case(folder)
+
+
+def test_phantom_members_of_the_wrong_kind(phantom_file: Path, tmp_path: Path) -> None:
+    inf = rebuild_npz(phantom_file, tmp_path / "inf.npz", replace={"dosegym_phantom": np.array(np.inf)})
+    with pytest.raises(DataError, match=re.escape(f"{inf}: damaged phantom file (OverflowError")):
+        read_phantom(inf)
+    listed = rebuild_npz(phantom_file, tmp_path / "meta.npz", replace={"meta_json": np.array("[1, 2]")})
+    with pytest.raises(DataError, match=re.escape(f"{listed}: meta_json holds a list")):
+        read_phantom(listed)
+
+
+@pytest.mark.parametrize("target", [{}, 7, ""])
+def test_a_prescription_target_must_be_a_name(target) -> None:
+    from dosegym.data import Prescription
+
+    with pytest.raises(DataError, match="target must be a structure name"):
+        Prescription(target, 70.0, 35)
+
+
+def test_a_garbled_dose_npy_header_is_a_data_error(tmp_path: Path) -> None:
+    from dosegym.cli.score import _read_dose
+
+    path = tmp_path / "dose.npy"
+    buf = io.BytesIO()
+    np.save(buf, np.zeros((2, 2, 2), np.float32))
+    data = bytearray(buf.getvalue())
+    data[data.index(b"{") + 1 : data.index(b"{") + 2] = b"("  # an unclosed bracket in the header dict
+    path.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=re.escape(f"{path}: not a readable .npy array")):
+        _read_dose(path, read_case(PHANTOM))

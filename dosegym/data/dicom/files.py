@@ -6,7 +6,9 @@ direction cosines (``ImageOrientationPatient``), frames of reference.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import struct
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,6 +44,32 @@ class Folder:
     ignored: list[str] = field(default_factory=list)
 
 
+#: What pydicom and our value conversions raise on damaged data (a bad value, VR or length).
+_DAMAGED = (
+    ValueError,
+    TypeError,
+    KeyError,
+    IndexError,
+    AttributeError,
+    OverflowError,
+    OSError,
+    NotImplementedError,
+    struct.error,
+)
+
+
+@contextlib.contextmanager
+def reading(path: Path) -> Iterator[None]:
+    """Turn an error that damaged DICOM data raises while ``path`` is read into ``DataError``
+    naming the file (``DataError`` itself passes through)."""
+    try:
+        yield
+    except DataError:
+        raise
+    except _DAMAGED as exc:
+        raise DataError(f"{path}: damaged DICOM data ({type(exc).__name__}: {str(exc)[:200]})") from exc
+
+
 def read_file(path: Path, *, pixels: bool) -> Dataset:
     """Read one DICOM file (also without the 128-byte preamble) or raise ``DataError``."""
     try:
@@ -49,7 +77,9 @@ def read_file(path: Path, *, pixels: bool) -> Dataset:
             ds = pydicom.dcmread(path, stop_before_pixels=not pixels)
         except InvalidDicomError:
             ds = pydicom.dcmread(path, stop_before_pixels=not pixels, force=True)
-        header = [str(ds.get(k, "") or "") for k in ("SOPClassUID", "Modality")]  # values decode here
+        header = [str(ds.get(k, "") or "") for k in ("SOPClassUID", "Modality")]
+        for _ in ds.iterall():  # pydicom decodes values lazily: decode every one here, once
+            pass
     except Exception as exc:  # noqa: BLE001 - pydicom raises many types on corrupt input
         raise DataError(f"{path}: not a readable DICOM file ({type(exc).__name__}: {exc})") from exc
     if not all(header):

@@ -24,6 +24,7 @@ from dosegym.data.dicom.files import (
     check_frame,
     header_keywords,
     only_one,
+    reading,
     scan,
 )
 from dosegym.data.dicom.rtdose import dose_coverage, dose_stack, pick_doses, total_dose
@@ -60,6 +61,11 @@ def read_dicom(path: str | Path, grid: GridMode = "auto", supersample: int = 4) 
     modules. ``case.meta["dicom"]`` keeps the UIDs and patient/study attributes that
     ``write_rtdose`` needs.
     """
+    with reading(Path(path)):
+        return _read_dicom(path, grid, supersample)
+
+
+def _read_dicom(path: str | Path, grid: GridMode, supersample: int) -> Case:
     if grid not in ("auto", "ct", "dose"):
         raise DataError(f"grid must be 'auto', 'ct' or 'dose', got {grid!r}")
     supersample = check_supersample(supersample)
@@ -71,9 +77,11 @@ def read_dicom(path: str | Path, grid: GridMode = "auto", supersample: int = 4) 
     doses = pick_doses(found)
     plan = pick_plan(found, doses)
     _check_ct_or_dose(found, grid, doses)
-    planar = planar_contours(struct[1], struct[0]) if struct else {}
-    names = roi_names(struct[1]) if struct else {}
-    ct = read_ct_series(found, struct[1] if struct else None)
+    with reading(struct[0] if struct else folder):
+        planar = planar_contours(struct[1], struct[0]) if struct else {}
+        names = roi_names(struct[1]) if struct else {}
+    with reading(folder):
+        ct = read_ct_series(found, struct[1] if struct else None)
     on_ct, problem = fits_ct(grid, ct, planar, names, bool(doses))
 
     frame_owner = "the CT's" if ct.first is not None else f"the RTDOSE's ({doses[0][0].name})"
@@ -81,13 +89,19 @@ def read_dicom(path: str | Path, grid: GridMode = "auto", supersample: int = 4) 
     for p, ds in doses + ([plan] if plan else []):
         if "FrameOfReferenceUID" in ds:
             check_frame(p, {str(ds.FrameOfReferenceUID)}, frame_uid, frame_owner)
-    dose_stacks = [dose_stack(ds, p) for p, ds in doses]
+    dose_stacks = []
+    for p, ds in doses:
+        with reading(p):
+            dose_stacks.append(dose_stack(ds, p))
     chosen = case_grid(grid, on_ct, problem, ct, doses, dose_stacks, planar)
     dose, dose_notes = total_dose(folder, doses, dose_stacks, plan, chosen.grid, chosen.first_dose)
     rois = _Structures()
     if struct is not None:
         rois = _structures(struct, chosen, planar, doses, dose_stacks, supersample, frame_uid, frame_owner)
-    beams, prescriptions = plan_contents(plan[1], plan[0], rois.numbers) if plan else (None, [])
+    beams, prescriptions = None, []
+    if plan:
+        with reading(plan[0]):
+            beams, prescriptions = plan_contents(plan[1], plan[0], rois.numbers)
     notes = ([chosen.note] if chosen.note else []) + dose_notes + rois.notes(chosen.on_ct)
     meta = {
         "source": str(folder),
