@@ -97,16 +97,24 @@ def _read_marker(folder: Path) -> dict[str, Any] | None:
     return doc
 
 
-def _check_folder(dest: Path, writer: str, skip: Path | None = None) -> None:
-    """``dest`` is missing, empty (but for ``skip``) or an earlier output of ``writer``."""
+def _mode(dest: Path, kind: str, valid: str) -> int | None:
+    """``dest``'s mode (links followed), or None when nothing is there; ``DataError`` for a
+    broken link (``valid``: what to give instead) or a path that cannot be checked."""
     try:
-        mode = os.stat(dest).st_mode
+        return os.stat(dest).st_mode
     except FileNotFoundError:
         if os.path.islink(dest):
-            raise DataError(f"{dest}: is a broken symbolic link; give a new or empty folder") from None
-        return
+            raise DataError(f"{dest}: is a broken symbolic link; give {valid}") from None
+        return None
     except OSError as exc:
-        raise DataError(f"{dest}: cannot be checked as an output folder ({exc.strerror})") from exc
+        raise DataError(f"{dest}: cannot be checked as an output {kind} ({exc.strerror})") from exc
+
+
+def _check_folder(dest: Path, writer: str, skip: Path | None = None) -> None:
+    """``dest`` is missing, empty (but for ``skip``) or an earlier output of ``writer``."""
+    mode = _mode(dest, "folder", "a new or empty folder")
+    if mode is None:
+        return
     if not stat.S_ISDIR(mode):
         what = "a file" if stat.S_ISREG(mode) else _kind(mode)
         raise DataError(
@@ -129,14 +137,9 @@ def _check_folder(dest: Path, writer: str, skip: Path | None = None) -> None:
 
 
 def _check_file(dest: Path) -> None:
-    try:
-        mode = os.stat(dest).st_mode
-    except FileNotFoundError:
-        if os.path.islink(dest):
-            raise DataError(f"{dest}: is a broken symbolic link; give a new file path") from None
+    mode = _mode(dest, "file", "a new file path")
+    if mode is None:
         return
-    except OSError as exc:
-        raise DataError(f"{dest}: cannot be checked as an output file ({exc.strerror})") from exc
     if not stat.S_ISREG(mode):
         raise DataError(
             f"{dest}: exists and is {_kind(mode)}; dosegym replaces only a regular file: give a new "
