@@ -1,1 +1,42 @@
-"""dosegym.agents."""
+"""Alignment agents: one :class:`Agent` contract, one registry, shared config and machinery.
+
+::
+
+    Agent = dosegym.agents.get("best_of_n")      # the registry: name -> class
+    agent = Agent(env, policy, config)           # env: a (vector) dosegym env; policy: DosePolicy
+    agent.learn(total_samples=512, callback=None)
+    agent.save("runs/x"); agent = dosegym.agents.Agent.load("runs/x")
+    dose_gy = agent.predict(case, seed=0)
+
+Modules: :mod:`~dosegym.agents.config` (``AgentConfig``, torch-free),
+:mod:`~dosegym.agents.registry` (``get``, ``register``, ``available``; torch-free; how to add
+an agent), :mod:`~dosegym.agents.base` (``Agent``, the checks, saving, ``result.json``),
+:mod:`~dosegym.agents.lora` (what trains: LoRA through peft, or full weights),
+:mod:`~dosegym.agents.best_of_n` (``BestOfN``). ``Agent`` and ``BestOfN`` import torch on
+first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from dosegym.agents.config import AgentConfig
+from dosegym.agents.registry import available, get, register
+
+_LAZY = {
+    "Agent": "dosegym.agents.base",
+    "BestOfN": "dosegym.agents.best_of_n",
+    "BestOfNConfig": "dosegym.agents.best_of_n",
+    "write_result": "dosegym.agents.base",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """``Agent``, ``BestOfN`` and the torch-side helpers, imported on first use."""
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'dosegym.agents' has no attribute {name!r}")
+
+
+__all__ = ["AgentConfig", "available", "get", "register", *_LAZY]
