@@ -5,7 +5,7 @@
     Agent = dosegym.agents.get("best_of_n")      # the registry: name -> class
     agent = Agent(env, policy, config)           # env: a (vector) dosegym env; policy: DosePolicy
     agent.learn(total_samples=512, callback=None)
-    agent.save("runs/x"); agent = dosegym.agents.Agent.load("runs/x")
+    agent.save("runs/x"); agent = Agent.load("runs/x")   # or dosegym.agents.load("runs/x")
     dose_gy = agent.predict(case, seed=0)
 
 Modules: :mod:`~dosegym.agents.config` (``AgentConfig``, torch-free),
@@ -22,7 +22,7 @@ import importlib
 from typing import Any
 
 from dosegym.agents.config import AgentConfig
-from dosegym.agents.registry import available, get, register
+from dosegym.agents.registry import available, get, load, register
 
 _LAZY = {
     "Agent": "dosegym.agents.base",
@@ -39,4 +39,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'dosegym.agents' has no attribute {name!r}")
 
 
-__all__ = ["AgentConfig", "available", "get", "register", *_LAZY]
+__all__ = ["AgentConfig", "available", "get", "load", "register", *_LAZY]

@@ -82,7 +82,7 @@ class Agent:
     the policy is loaded here, else unknown and checked by fingerprint).
     """
 
-    #: Registry name (set by :func:`dosegym.agents.registry.register`).
+    #: Registry name (the key of :data:`dosegym.agents.registry.AGENTS`).
     name: ClassVar[str] = ""
     #: The config class of the agent.
     Config: ClassVar[type[AgentConfig]] = AgentConfig
@@ -235,14 +235,16 @@ class Agent:
     @classmethod
     def load(cls, folder: str | Path, env: Any = None, policy: DosePolicy | None = None) -> Agent:
         """An agent saved by :meth:`save`, on top of its base checkpoint (``policy`` given: that
-        policy, checked by fingerprint). Called on :class:`Agent`, the saved agent's class."""
+        policy, checked by fingerprint). Call it on the agent's class;
+        :func:`dosegym.agents.load` picks the class from the folder."""
         folder = Path(folder)
         doc = read_agent_file(folder)
-        if cls is Agent or not cls.name:
-            from dosegym.agents.registry import get
-
-            cls = get(doc["agent"])
-        elif doc["agent"] != cls.name:
+        if not cls.name:
+            raise AgentError(
+                f"{folder}: load a {doc['agent']!r} agent through its class "
+                f"(dosegym.agents.get({doc['agent']!r}).load) or dosegym.agents.load"
+            )
+        if doc["agent"] != cls.name:
             raise AgentError(f"{folder}: holds a {doc['agent']!r} agent, not {cls.name!r}")
         config = cls.Config.from_yaml(folder / CONFIG_FILE)
         base = doc.get("base_checkpoint")

@@ -8,14 +8,13 @@ compared with Best-of-N at equal sample count (one ``predict`` costs N samples).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 from pydantic import Field
 
 from dosegym.agents.base import Agent, Callback
 from dosegym.agents.config import AgentConfig
-from dosegym.agents.registry import register
 from dosegym.data.case import Case
 from dosegym.scorecards.report import ScoreReport
 
@@ -23,14 +22,16 @@ from dosegym.scorecards.report import ScoreReport
 class BestOfNConfig(AgentConfig):
     """Best-of-N's config: the shared fields plus ``n``."""
 
+    agent_name: ClassVar[str] = "best_of_n"
+
     n: int = Field(4, ge=1)
     """Samples drawn per prediction; the best by the card is kept."""
 
 
-@register("best_of_n")
 class BestOfN(Agent):
     """See the module docstring."""
 
+    name = "best_of_n"
     Config = BestOfNConfig
     learns = False
 

@@ -1,35 +1,39 @@
 """The one registry of agents: name -> class.
 
 A new agent is one file and one registry line: write ``dosegym/agents/NAME.py`` with a
-subclass of :class:`~dosegym.agents.base.Agent` (and of
-:class:`~dosegym.agents.config.AgentConfig` for its own fields), decorate the class with
-``@register("NAME")``, and add the line ``"NAME": "dosegym.agents.NAME"`` to :data:`AGENTS`
-below (so that :func:`get` finds it without importing every agent, and without torch until
-an agent is asked for).
+subclass of :class:`~dosegym.agents.base.Agent` whose class attribute ``name = "NAME"`` (and
+a subclass of :class:`~dosegym.agents.config.AgentConfig` with ``agent_name = "NAME"`` and
+its own fields, one docstring line each), then add the line
+``"NAME": "dosegym.agents.NAME:ClassName"`` to :data:`AGENTS` below. :func:`get` imports an
+agent's module only when it is asked for (so ``import dosegym.agents`` stays torch-free),
+and agent modules never import this one (no import circle). :func:`register` adds an agent
+defined outside the package (a plugin, a test) at run time.
 """
 
 from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from dosegym.errors import AgentError
 
 #: Agent name -> the module that registers it (one line per agent).
 AGENTS: dict[str, str] = {
-    "best_of_n": "dosegym.agents.best_of_n",
+    "best_of_n": "dosegym.agents.best_of_n:BestOfN",
 }
 
 _CLASSES: dict[str, Any] = {}
 
 
 def register(name: str) -> Callable[[type], type]:
-    """Class decorator: register an :class:`~dosegym.agents.base.Agent` subclass as ``name``."""
+    """Class decorator: register an :class:`~dosegym.agents.base.Agent` subclass defined
+    outside :data:`AGENTS` as ``name`` (sets its ``name`` and its config's ``agent_name``)."""
 
     def deco(cls: type) -> type:
-        if name in _CLASSES and _CLASSES[name] is not cls:
-            raise AgentError(f"agent name {name!r} is registered already (by {_CLASSES[name].__name__})")
+        if name in AGENTS or name in _CLASSES and _CLASSES[name] is not cls:
+            raise AgentError(f"agent name {name!r} is registered already")
         cls.name = name
         config = getattr(cls, "Config", None)
         if config is not None and not config.__dict__.get("agent_name"):
@@ -50,7 +54,20 @@ def get(name: str) -> Any:
     if not isinstance(name, str) or name not in AGENTS and name not in _CLASSES:
         raise AgentError(f"unknown agent {name!r}; valid: {available()}")
     if name not in _CLASSES:
-        importlib.import_module(AGENTS[name])
-    if name not in _CLASSES:
-        raise AgentError(f"module {AGENTS[name]} did not register an agent {name!r}")
+        module, attr = AGENTS[name].split(":")
+        cls = getattr(importlib.import_module(module), attr)
+        if cls.name != name or cls.Config.agent_name != name:
+            raise AgentError(
+                f"{AGENTS[name]}: registered as {name!r} but its name is {cls.name!r} and its config's "
+                f"agent_name {cls.Config.agent_name!r}"
+            )
+        _CLASSES[name] = cls
     return _CLASSES[name]
+
+
+def load(folder: str | Path, env: Any = None, policy: Any = None) -> Any:
+    """The agent saved in ``folder``, of the class its ``agent.json`` names (see
+    :meth:`dosegym.agents.base.Agent.load`)."""
+    from dosegym.agents.base import read_agent_file
+
+    return get(read_agent_file(Path(folder))["agent"]).load(folder, env=env, policy=policy)
