@@ -15,7 +15,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from dosegym.errors import AgentError
 
@@ -35,9 +35,10 @@ def register(name: str) -> Callable[[type], type]:
         if name in AGENTS or name in _CLASSES and _CLASSES[name] is not cls:
             raise AgentError(f"agent name {name!r} is registered already")
         cls.name = name
-        config = getattr(cls, "Config", None)
-        if config is not None and not config.__dict__.get("agent_name"):
-            config.agent_name = name
+        config = cls.Config
+        if config.agent_name != name:  # a config of its own, never a change to a shared one
+            namespace = {"__module__": cls.__module__, "__annotations__": {"agent_name": ClassVar[str]}}
+            cls.Config = type(f"{cls.__name__}Config", (config,), {**namespace, "agent_name": name})
         _CLASSES[name] = cls
         return cls
 

@@ -89,3 +89,30 @@ def test_result_json_is_versioned(tmp_path, tiny_policy):
     assert doc["schema_version"] == RESULT_SCHEMA_VERSION and doc["agent"] == "best_of_n" and doc["seed"] == 3
     assert doc["config"]["n"] == 2 and doc["samples_trained"] == 4 and doc["scores"]["x"] is None
     assert doc["packages"]["torch"] and doc["packages"]["dosegym"]
+
+
+def test_register_a_plugin_agent(tiny_policy, tmp_path):
+    from dosegym.agents import registry
+    from dosegym.agents.base import Agent
+
+    class Plugin(Agent):
+        learns = False
+
+        def learn(self, total_samples, callback=None):
+            self.check_budget(total_samples)
+            return self
+
+    try:
+        registry.register("plugin")(Plugin)
+        assert agents.get("plugin") is Plugin and "plugin" in agents.available()
+        assert Plugin.Config.agent_name == "plugin" and AgentConfig.agent_name == ""
+        with pytest.raises(AgentError, match="registered already"):
+            registry.register("best_of_n")(Plugin)
+        Plugin(None, tiny_policy).save(tmp_path / "p")
+        assert type(agents.load(tmp_path / "p", policy=tiny_policy)) is Plugin
+        with pytest.raises(AgentError, match="through its class"):
+            Agent.load(tmp_path / "p", policy=tiny_policy)
+        with pytest.raises(AgentError, match="holds a 'plugin' agent, not 'best_of_n'"):
+            agents.get("best_of_n").load(tmp_path / "p", policy=tiny_policy)
+    finally:
+        registry._CLASSES.pop("plugin", None)
