@@ -115,6 +115,14 @@ class Agent:
                     f"{policy.spec.shape} at {policy.spec.spacing_mm} mm: make the env with "
                     "policy=this policy"
                 )
+        if self.config.mixed_precision == "fp16" and policy.device.type == "cpu":
+            raise AgentError("mixed_precision 'fp16' needs a GPU; valid on CPU: ['no', 'bf16']")
+        num_envs = getattr(env, "num_envs", None)
+        if self.learns and isinstance(num_envs, int) and self.samples_per_iteration % num_envs:
+            raise AgentError(
+                f"samples_per_iteration {self.samples_per_iteration} is not a multiple of the env's "
+                f"num_envs {num_envs} (every rollout batch steps all of them); give a multiple of {num_envs}"
+            )
         self.base_policy = policy
         self.base_fingerprint = weights_fingerprint(policy.model)
         self.samples_trained = 0

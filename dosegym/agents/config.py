@@ -141,7 +141,11 @@ class AgentConfig(BaseModel):
     def from_yaml(cls, path_or_text: str | Path) -> AgentConfig:
         """A config from a YAML file (or YAML text holding a mapping); the file's ``agent``
         key, when present, must be this config's agent."""
-        if isinstance(path_or_text, Path) or "\n" not in str(path_or_text) and Path(path_or_text).is_file():
+        text = str(path_or_text)
+        is_path = isinstance(path_or_text, Path) or (
+            "\n" not in text and (text.endswith((".yaml", ".yml")) or Path(text).is_file())
+        )
+        if is_path:
             where = str(path_or_text)
             try:
                 text = Path(path_or_text).read_text(encoding="utf-8")

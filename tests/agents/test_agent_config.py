@@ -78,6 +78,24 @@ def test_budget_smaller_than_one_iteration_is_refused(tiny_policy):
         agent.check_budget(4.0)
 
 
+def test_iteration_must_fill_the_vector_env(env, tiny_policy):
+    from dosegym.agents.base import Agent
+
+    class Learner(Agent):
+        name = "learner"
+
+    with pytest.raises(AgentError, match="samples_per_iteration 3 is not a multiple of the env's num_envs 2"):
+        Learner(env, tiny_policy, {"samples_per_iteration": 3})
+    assert Learner(env, tiny_policy, {"samples_per_iteration": 4}).check_budget(8) == 2
+    with pytest.raises(AgentError, match="fp16' needs a GPU"):
+        Learner(env, tiny_policy, {"samples_per_iteration": 4, "mixed_precision": "fp16"})
+
+
+def test_missing_yaml_file_is_named(tmp_path):
+    with pytest.raises(AgentError, match="nope.yaml: cannot read"):
+        AgentConfig.from_yaml(str(tmp_path / "nope.yaml"))
+
+
 def test_result_json_is_versioned(tmp_path, tiny_policy):
     from dosegym.agents.base import RESULT_SCHEMA_VERSION, write_result
 
