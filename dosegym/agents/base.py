@@ -165,7 +165,8 @@ class Agent:
 
     def card_for(self, case: Case) -> Scorecard:
         """The card that scores ``case``: the env's (the card given to it, else the site's default)."""
-        cards = getattr(self.env, "cards", None) if self.env is not None else None
+        env = getattr(self.env, "unwrapped", self.env)  # gym.make wraps; wrappers hide attributes
+        cards = getattr(env, "cards", None) if env is not None else None
         if cards is None:
             raise AgentError(
                 f"{type(self).__name__} has no env to take the scorecard of case {case.case_id!r} from: "

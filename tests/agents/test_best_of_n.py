@@ -84,3 +84,19 @@ def test_import_dosegym_agents_is_torch_free():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_an_env_from_gym_make_works_through_its_wrappers(tiny_policy, headneck28):
+    """``gymnasium.make`` wraps the env (order enforcing, checker); the agent reads its cards
+    through ``env.unwrapped``."""
+    import gymnasium
+
+    env = gymnasium.make(
+        "dosegym/DenoiseDose-v0",
+        policy=tiny_policy,
+        scorecard="phantom_headneck",
+        cases="phantoms:headneck/28",
+        steps=4,
+    )
+    agent = agents.get("best_of_n")(env, tiny_policy, {"n": 2, "sample_num_steps": 3})
+    assert agent.predict(headneck28, seed=0).shape == headneck28.grid.shape
