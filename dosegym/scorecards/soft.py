@@ -205,6 +205,7 @@ class SoftDVH:
         dk, uk = lower.gather(1, k), upper.gather(1, k)
         x = dk + ((ck - v) / torch.where(wk > 0, wk, torch.ones_like(wk))).clamp(0.0, 1.0) * (uk - dk)
         x = torch.where((x > lo) & (x < hi), x, 0.5 * (lo + hi))
+        again = None
         for _ in range(_MAX_ITERATIONS):
             vol, dvol = _volume_and_slope(x, sl, su, sw, coef, step, tau)
             vol = vol + above
@@ -212,8 +213,13 @@ class SoftDVH:
             too_much = f > 0
             lo, f_lo = torch.where(too_much, x, lo), torch.where(too_much, f, f_lo)
             hi, f_hi = torch.where(too_much, hi, x), torch.where(too_much, f_hi, f)
+            if again is not None:  # Illinois: the end kept twice has its f halved (for the secant)
+                same = too_much == again
+                f_hi = torch.where(same & too_much, 0.5 * f_hi, f_hi)
+                f_lo = torch.where(same & ~too_much, 0.5 * f_lo, f_lo)
+            again = too_much
             newton = x - f / dvol[:, None]
-            inside = (newton > lo) & (newton < hi)
+            inside = (newton >= lo) & (newton <= hi)  # x itself is an end: >=, not >
             # Newton leaving the bracket: the secant of its ends, else the midpoint
             secant = lo + f_lo / (f_lo - f_hi) * (hi - lo)
             secant = torch.where((secant > lo) & (secant < hi), secant, 0.5 * (lo + hi))
