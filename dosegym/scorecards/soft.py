@@ -11,7 +11,8 @@ converge to the exact metric as ``tau -> 0``:
   scale ``tau``:
   ``R_k(x) = tau / h_k * [softplus((d_{k-1} - x) / tau) - softplus((d_k - x) / tau)]``,
   ``h_k = d_{k-1} - d_k``, and ``V_soft(x) = sum_k w_k R_k(x)`` (strictly decreasing in x).
-  ``D_soft(v)`` solves ``V_soft(x) = v`` by bisection (no gradient), then takes one Newton
+  ``D_soft(v)`` solves ``V_soft(x) = v`` without gradient (a safeguarded Newton search in a
+  bracket around the exact root, :meth:`SoftDVH._root`), then takes one Newton
   step ``x - (V_soft(x) - v) / V_soft'(x)`` inside autograd: the value is the root and the
   gradient is exactly the implicit-function one,
   ``dD/dd_i = -(dV_soft/dd_i) / V_soft'(x)``, spread over the voxels whose doses lie within a
@@ -39,8 +40,33 @@ from dosegym.scorecards.metrics import NEEDS_BODY, MetricSpec, evaluate_spec
 from dosegym.scorecards.metrics_torch import as_batch, gather, structure_values, torch_ratio
 
 Tensor = torch.Tensor
-_BISECTION_STEPS = 60
+_MAX_ITERATIONS = 200  # safeguarded Newton steps of the soft Dx root (it stops at convergence)
+_BRACKET = 8.0  # the soft Dx root is looked for within this many tau of the exact one's ramp
+_SATURATED = 36.0  # ramps this many tau beyond the bracket count as exactly w or 0 in the search
+_TOLERANCE = 1e-9  # Newton step (in tau) at which the root search stops: the last step squares it
 _RAMP_AS_STEP = 1e-6  # ramps narrower than this many tau are treated as a step at their middle
+
+
+def _volume_and_slope(
+    x: Tensor, lower: Tensor, upper: Tensor, w: Tensor, coef: Tensor, step: Tensor, tau: float
+) -> tuple[Tensor, Tensor]:
+    """``V_soft(x)`` and ``dV_soft/dx`` (``(B,)`` each) of the ramps given, in one pass: the
+    formulas of :meth:`SoftDVH._soft_volume` with ``softplus(z) = relu(z) + log1p(e^-|z|)`` and
+    ``sigmoid`` from the same ``e^-|z|`` (``coef = tau / h``, ``step``: ramps taken as steps)."""
+    xu = (upper - x) / tau
+    xl = (lower - x) / tau
+    eu, el = torch.exp(-xu.abs()), torch.exp(-xl.abs())
+    tu, tl = torch.log1p(eu), torch.log1p(el)
+    ramp = torch.where(xl >= 0, 1.0 + coef * (tu - tl), coef * (xu.clamp(min=0) + tu - tl))
+    su = torch.where(xu >= 0, 1.0 / (1.0 + eu), eu / (1.0 + eu))
+    sl = torch.where(xl >= 0, 1.0 / (1.0 + el), el / (1.0 + el))
+    slope = -(su - sl) * (coef / tau)
+    mz = 0.5 * (xu + xl)
+    em = torch.exp(-mz.abs())
+    mid = torch.where(mz >= 0, 1.0 / (1.0 + em), em / (1.0 + em))
+    ramp = torch.where(step, mid, ramp)
+    slope = torch.where(step, -mid * (1.0 - mid) / tau, slope)
+    return (ramp * w).sum(dim=1), (slope * w).sum(dim=1)
 
 
 class SoftDVH:
@@ -132,6 +158,79 @@ class SoftDVH:
         slope = torch.where(step, -mid * (1.0 - mid) / tau, slope)
         return (slope * w).sum(dim=1)
 
+    def _root(self, v: float, lower: Tensor, upper: Tensor, w: Tensor) -> Tensor:
+        """The root ``x`` ``(B, 1)`` of ``V_soft(x) = v`` (no gradient), to float64 precision.
+
+        Bracket: the exact (unsmoothed) root lies in voxel ``k``'s ramp ``[d_k, d_{k-1}]`` with
+        ``C_k`` the first cumulative volume ``>= v``; the soft root lies within a few ``tau``
+        of it. ``[d_k - A tau, d_{k-1} + A tau]`` is checked on the full set (``V_soft(lo) > v
+        >= V_soft(hi)``, as bisection keeps it); a row where it fails gets the wide bracket
+        ``[min - 50 tau, max + 50 tau]`` (which always holds). Inside it, a safeguarded Newton
+        iteration (the secant of the bracket's ends, else its midpoint, whenever Newton would
+        leave the bracket; the bracket shrinks at every step) runs on the ramps
+        that are not saturated within ``_SATURATED`` tau of the bracket: ramps wholly above it
+        contribute ``w`` (their weights are summed once), wholly below 0, both to
+        ``e^-_SATURATED`` relative. The caller's Newton step on the full set then lands on the
+        root of ``V_soft`` itself (quadratically)."""
+        tau = self.tau
+        b, n = lower.shape
+        c = torch.cumsum(w, dim=1)
+        k = torch.searchsorted(c, torch.full((b, 1), v, dtype=c.dtype, device=c.device)).clamp(max=n - 1)
+        lo = lower.gather(1, k) - _BRACKET * tau
+        hi = upper.gather(1, k) + _BRACKET * tau
+        f_lo = (self._soft_volume(lo, lower, upper, w) - v)[:, None]  # V_soft - v at the ends
+        f_hi = (self._soft_volume(hi, lower, upper, w) - v)[:, None]
+        ok = (f_lo > 0) & (f_hi <= 0)
+        if not bool(ok.all()):
+            lo = torch.where(ok, lo, lower.amin(dim=1, keepdim=True) - 50.0 * tau)
+            hi = torch.where(ok, hi, upper.amax(dim=1, keepdim=True) + 50.0 * tau)
+            f_lo = torch.where(ok, f_lo, self._soft_volume(lo, lower, upper, w)[:, None] - v)
+            f_hi = torch.where(ok, f_hi, self._soft_volume(hi, lower, upper, w)[:, None] - v)
+        # the unsaturated ramps: a contiguous run [i0, i1) of the descending-sorted ramps
+        i0 = (lower >= hi + _SATURATED * tau).sum(dim=1, keepdim=True)
+        i1 = (upper > lo - _SATURATED * tau).sum(dim=1, keepdim=True)
+        count = (i1 - i0).clamp(min=0)
+        span = max(int(count.max()), 1)
+        pos = torch.arange(span, device=lower.device)[None, :]
+        idx = (i0 + pos).clamp(max=n - 1)
+        valid = pos < count
+        sl, su = lower.gather(1, idx), upper.gather(1, idx)
+        sw = torch.where(valid, w.gather(1, idx), torch.zeros((), dtype=w.dtype, device=w.device))
+        above = torch.where(i0 > 0, c.gather(1, (i0 - 1).clamp(min=0)), torch.zeros_like(lo)).squeeze(1)
+        h = su - sl
+        step = h < _RAMP_AS_STEP * tau
+        coef = tau / torch.where(step, torch.ones_like(h), h)
+        # start from the exact root (V linear along ramp k, from C_k at d_k to C_k - w_k)
+        wk, ck = w.gather(1, k), c.gather(1, k)
+        dk, uk = lower.gather(1, k), upper.gather(1, k)
+        x = dk + ((ck - v) / torch.where(wk > 0, wk, torch.ones_like(wk))).clamp(0.0, 1.0) * (uk - dk)
+        x = torch.where((x > lo) & (x < hi), x, 0.5 * (lo + hi))
+        again = None
+        for _ in range(_MAX_ITERATIONS):
+            vol, dvol = _volume_and_slope(x, sl, su, sw, coef, step, tau)
+            vol = vol + above
+            f = (vol - v)[:, None]
+            too_much = f > 0
+            lo, f_lo = torch.where(too_much, x, lo), torch.where(too_much, f, f_lo)
+            hi, f_hi = torch.where(too_much, hi, x), torch.where(too_much, f_hi, f)
+            if again is not None:  # Illinois: the end kept twice has its f halved (for the secant)
+                same = too_much == again
+                f_hi = torch.where(same & too_much, 0.5 * f_hi, f_hi)
+                f_lo = torch.where(same & ~too_much, 0.5 * f_lo, f_lo)
+            again = too_much
+            newton = x - f / dvol[:, None]
+            inside = (newton >= lo) & (newton <= hi)  # x itself is an end: >=, not >
+            # Newton leaving the bracket: the secant of its ends, else the midpoint
+            secant = lo + f_lo / (f_lo - f_hi) * (hi - lo)
+            secant = torch.where((secant > lo) & (secant < hi), secant, 0.5 * (lo + hi))
+            new = torch.where(inside, newton, secant)
+            tol = _TOLERANCE * tau
+            done = (inside & ((newton - x).abs() <= tol)) | (hi - lo <= tol)
+            x = new
+            if bool(done.all()):
+                break
+        return x
+
     def dose_at_volume(self, volume: float, unit: str = "%") -> Tensor:
         if unit == "%":
             v = float(volume) / 100.0 * self.total_volume_cc
@@ -145,15 +244,8 @@ class SoftDVH:
             return self.min_gy
         lower, upper, w = self._ramp_bounds()
         with torch.no_grad():
-            lo = (lower.detach().amin(dim=1, keepdim=True) - 50.0 * self.tau).clone()
-            hi = (upper.detach().amax(dim=1, keepdim=True) + 50.0 * self.tau).clone()
             ld, ud = lower.detach(), upper.detach()
-            for _ in range(_BISECTION_STEPS):
-                mid = 0.5 * (lo + hi)
-                too_much = self._soft_volume(mid, ld, ud, w) > v  # root lies above mid
-                lo = torch.where(too_much[:, None], mid, lo)
-                hi = torch.where(too_much[:, None], hi, mid)
-            root = 0.5 * (lo + hi)
+            root = self._root(v, ld, ud, w)
             slope = self._soft_volume_slope(root, ld, ud, w)
             slope = torch.where(slope < 0, slope, torch.full_like(slope, -1e-300))
         v_at_root = self._soft_volume(root, lower, upper, w)  # carries the graph to the doses
