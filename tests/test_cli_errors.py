@@ -11,6 +11,7 @@ import stat
 from pathlib import Path
 
 import pytest
+from helpers import snapshot, user_folder
 from typer.testing import CliRunner
 
 from dosegym.cli.main import app
@@ -25,17 +26,6 @@ def run(*args: str):
     result = runner.invoke(app, list(args))
     text = result.output + (result.stderr if result.stderr_bytes is not None else "")
     return result, " ".join(text.split())
-
-
-def user_folder(path: Path) -> Path:
-    (path / "sub").mkdir(parents=True)
-    (path / "notes.txt").write_text("my notes")
-    (path / "sub" / "plan.dcm").write_bytes(b"\0" * 10)
-    return path
-
-
-def snapshot(path: Path) -> dict[str, bytes]:
-    return {p.relative_to(path).as_posix(): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import make_env
+from helpers import make_env
 from shared_data import LUNG_JSON, needs
 
 import dosegym.agents as agents

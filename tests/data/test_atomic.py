@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import snapshot, user_folder
 
 from dosegym.data import read_case, write_case
 from dosegym.data.atomic import MARKER, atomic_folder, atomic_path, check_output_path, json_text
@@ -25,18 +26,6 @@ CASE = "phantoms:headneck/28"
 @pytest.fixture(scope="module")
 def case():
     return read_case(CASE)
-
-
-def user_folder(path: Path) -> Path:
-    """A folder of the user's own files (what the old writers deleted)."""
-    (path / "sub").mkdir(parents=True)
-    (path / "notes.txt").write_text("my notes")
-    (path / "sub" / "plan.dcm").write_bytes(b"\0" * 10)
-    return path
-
-
-def snapshot(path: Path) -> dict[str, bytes]:
-    return {p.relative_to(path).as_posix(): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
 
 
 def no_partials(folder: Path) -> bool:

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import tiny_policy_config
 from shared_data import PT_108, REPO, TRAIN_PATS, need
 
-from dosegym.diffusion import Any2Any, DosePolicy, ModelConfig, ModelInput, ModelSpec, UNetConfig
+from dosegym.diffusion import Any2Any, DosePolicy, ModelConfig, ModelInput
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -18,12 +19,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-def tiny_policy_config() -> ModelConfig:
-    spec = ModelSpec(shape=(16, 16, 16), spacing_mm=(10.0, 16.0, 16.0))
-    unet = UNetConfig(base_channels=4, channel_mult=(1, 2), groups=2, attention_heads=1)
-    return ModelConfig(spec=spec, unet=unet)
 
 
 @pytest.fixture(scope="session")
