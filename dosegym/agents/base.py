@@ -90,6 +90,8 @@ class Agent:
     Config: ClassVar[type[AgentConfig]] = AgentConfig
     #: False for an agent that trains nothing (Best-of-N): no trainable copy, nothing saved.
     learns: ClassVar[bool] = True
+    #: The env ``dosegym align`` makes for the agent: ``"denoise"`` (DenoiseDose) or ``"guided"``.
+    env_kind: ClassVar[str] = "denoise"
 
     def __init__(
         self,
