@@ -275,6 +275,9 @@ def align(
         if force:
             learner.config = cfg
     else:
+        import torch
+
+        torch.manual_seed(cfg.seed)  # what trains starts the same for the same seed (LoRA init)
         learner = cls(env, policy, cfg, base_checkpoint=base)
     start_samples = int(learner.samples_trained)
     wall_before = float(learner.curves[-1]["wall_s"]) if getattr(learner, "curves", None) else 0.0
