@@ -12,7 +12,9 @@ Modules: :mod:`~dosegym.agents.config` (``AgentConfig``, torch-free),
 :mod:`~dosegym.agents.registry` (``get``, ``register``, ``available``; torch-free; how to add
 an agent), :mod:`~dosegym.agents.base` (``Agent``, the checks, saving, ``result.json``),
 :mod:`~dosegym.agents.lora` (what trains: LoRA through peft, or full weights),
-:mod:`~dosegym.agents.best_of_n` (``BestOfN``). ``Agent`` and ``BestOfN`` import torch on
+:mod:`~dosegym.agents.best_of_n` (``BestOfN``), :mod:`~dosegym.agents.evaluate` (``evaluate``,
+``EvalResult``, ``PolicyPredictor``), :mod:`~dosegym.agents.result` (the ``result.json``
+schema: ``write_result``, ``read_result``, ``validate_result``). ``Agent`` and ``BestOfN`` import torch on
 first use.
 """
 
@@ -28,7 +30,12 @@ _LAZY = {
     "Agent": "dosegym.agents.base",
     "BestOfN": "dosegym.agents.best_of_n",
     "BestOfNConfig": "dosegym.agents.best_of_n",
-    "write_result": "dosegym.agents.base",
+    "write_result": "dosegym.agents.result",
+    "read_result": "dosegym.agents.result",
+    "validate_result": "dosegym.agents.result",
+    "evaluate": "dosegym.agents.evaluate",
+    "EvalResult": "dosegym.agents.evaluate",
+    "PolicyPredictor": "dosegym.agents.evaluate",
 }
 
 

@@ -13,8 +13,8 @@ Shared here: the config (:meth:`Agent.Config.coerce`), the card-fit check
 is refused unless ``allow_card_mismatch``), the budget check (:meth:`Agent.check_budget`: a
 budget smaller than one iteration is refused with the minimum), the trainable copy of the
 policy (:mod:`dosegym.agents.lora`; the given policy is never changed, its frozen reference
-is :meth:`Agent.reference`), atomic saving and loading, and the ``result.json`` writer
-(:func:`write_result`, schema :data:`RESULT_SCHEMA_VERSION`).
+is :meth:`Agent.reference`), atomic saving and loading, and the ``result.json`` document
+(:meth:`Agent.result`; the schema, writer and reader are in :mod:`dosegym.agents.result`).
 
 A saved agent folder (one atomic write, writer :data:`WRITER`): ``agent.json`` (agent name,
 format version, base checkpoint and the fingerprint of its weights, samples trained),
@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import platform
-from collections.abc import Callable, Iterable, Sequence
-from importlib import metadata
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -38,7 +36,16 @@ import torch
 from dosegym._version import __version__
 from dosegym.agents import lora
 from dosegym.agents.config import AgentConfig
-from dosegym.data.atomic import atomic_folder, atomic_path, json_text
+from dosegym.agents.result import (  # noqa: F401 - re-exported: the result.json API moved to result.py
+    RESULT_FILE,
+    RESULT_PACKAGES,
+    RESULT_SCHEMA_VERSION,
+    agent_result,
+    package_versions,
+    result_document,
+    write_result,
+)
+from dosegym.data.atomic import atomic_folder, json_text
 from dosegym.data.case import Case
 from dosegym.diffusion import DosePolicy, load_pretrained
 from dosegym.errors import AgentError, DosegymError
@@ -49,11 +56,6 @@ WRITER = "dosegym agent"
 AGENT_FILE = "agent.json"
 CONFIG_FILE = "config.yaml"
 FORMAT_VERSION = 1
-RESULT_FILE = "result.json"
-#: Version of the ``result.json`` schema (see :func:`write_result`).
-RESULT_SCHEMA_VERSION = 1
-#: Packages whose versions every ``result.json`` records.
-RESULT_PACKAGES = ("torch", "numpy", "peft", "gymnasium", "pydantic", "safetensors", "diffusers")
 #: The base checkpoint of a policy loaded without a path.
 SHIPPED = "shipped"
 
@@ -88,6 +90,8 @@ class Agent:
     Config: ClassVar[type[AgentConfig]] = AgentConfig
     #: False for an agent that trains nothing (Best-of-N): no trainable copy, nothing saved.
     learns: ClassVar[bool] = True
+    #: The env ``dosegym align`` makes for the agent: ``"denoise"`` (DenoiseDose) or ``"guided"``.
+    env_kind: ClassVar[str] = "denoise"
 
     def __init__(
         self,
@@ -286,7 +290,7 @@ class Agent:
 
     def result(self, **fields: Any) -> dict[str, Any]:
         """The ``result.json`` document of this agent (see :func:`write_result`)."""
-        return result_document(self.name, self.config, samples_trained=self.samples_trained, **fields)
+        return agent_result(self, **fields)
 
 
 def read_agent_file(folder: Path) -> dict[str, Any]:
@@ -304,39 +308,3 @@ def read_agent_file(folder: Path) -> dict[str, Any]:
     ):
         raise AgentError(f"{path}: not an agent file of format_version {FORMAT_VERSION}")
     return doc
-
-
-def package_versions(names: Sequence[str] = RESULT_PACKAGES) -> dict[str, str | None]:
-    """Installed versions of ``names`` (None when missing), with python and dosegym."""
-    out: dict[str, str | None] = {"python": platform.python_version(), "dosegym": __version__}
-    for n in names:
-        try:
-            out[n] = metadata.version(n)
-        except metadata.PackageNotFoundError:
-            out[n] = None
-    return out
-
-
-def result_document(agent: str, config: AgentConfig, **fields: Any) -> dict[str, Any]:
-    """``{"schema_version", "agent", "config", "seed", "packages", **fields}``: the stub of the
-    versioned ``result.json`` schema that later fields (scores before/after, curves) extend."""
-    return {
-        "schema_version": RESULT_SCHEMA_VERSION,
-        "agent": agent,
-        "config": config.to_dict(),
-        "seed": int(config.seed),
-        "packages": package_versions(),
-        **fields,
-    }
-
-
-def write_result(path: str | Path, document: dict[str, Any]) -> Path:
-    """Write a ``result.json`` document atomically (strict JSON); ``path`` may be a run folder."""
-    dest = Path(path)
-    if dest.is_dir():
-        dest = dest / RESULT_FILE
-    if document.get("schema_version") != RESULT_SCHEMA_VERSION:
-        raise AgentError(f"result document: schema_version must be {RESULT_SCHEMA_VERSION}")
-    with atomic_path(dest) as tmp:
-        tmp.write_text(json_text(document), encoding="utf-8")
-    return dest

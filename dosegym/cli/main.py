@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from dosegym._version import __version__
+from dosegym.cli import align as align_cli
 from dosegym.cli import data as data_cli
 from dosegym.cli import model as model_cli
 from dosegym.cli import score as score_cli
@@ -21,6 +22,7 @@ app.add_typer(data_cli.app, name="data")
 app.command("pretrain")(model_cli.pretrain)
 app.command("predict")(model_cli.predict)
 app.command("score")(score_cli.score)
+app.command("align")(align_cli.align)
 
 
 def _version(value: bool) -> None:

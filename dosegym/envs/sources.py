@@ -5,6 +5,8 @@
 * ``"phantoms"``: every shipped phantom (:func:`dosegym.data.phantoms.shipped_phantom_ids`);
 * ``"phantoms:SITE"``: the shipped phantoms of one site (``headneck``, ``prostate``, ``lung``);
 * ``"phantoms:SITE/N"``: one shipped phantom;
+* ``"phantoms/SPLIT"`` or ``"phantoms:SITE/SPLIT"``: the shipped phantoms of a split of the
+  manifest (``train``: indices 0..27, ``test``: the held-out 28..31), of every site or one;
 * a folder of ``pt_*`` patient folders (OpenKBP's ``train-pats`` / ``validation-pats``),
   taken in patient-number order; a folder of phantom ``.npz`` files, in name order; or one
   case (a path :func:`dosegym.data.read_case` reads);
@@ -27,10 +29,14 @@ from dosegym.errors import DosegymError, EnvError
 
 VALID_FORMS = (
     f"'phantoms', 'phantoms:SITE' or 'phantoms:SITE/N' (SITE one of {', '.join(SITES)}); "
+    "'phantoms/SPLIT' or 'phantoms:SITE/SPLIT' (SPLIT train or test); "
     "a folder of OpenKBP pt_* folders or of phantom .npz files; a path to one case; "
     "or a list of paths and/or Case objects"
 )
 _PT = re.compile(r"^pt_(\d+)$")
+#: The splits of the shipped phantom set (its manifest's ``split``; models train on ``train`` only).
+PHANTOM_SPLITS = ("train", "test")
+_SPLIT = re.compile(r"^phantoms(?::(?P<site>[a-z]+))?/(?P<split>[a-z]+)$")
 
 CaseRef = str | Case
 
@@ -93,15 +99,17 @@ class CaseSource:
         return case
 
 
-def _phantom_ids(site: str | None, index: int | None, text: str) -> list[str]:
+def _phantom_ids(site: str | None, index: int | None, text: str, split: str | None = None) -> list[str]:
     from dosegym.data.phantoms import shipped_phantom_ids
 
     if site is not None and site not in SITES:
         raise EnvError(f"case source {text!r}: unknown phantom site {site!r}; valid: {list(SITES)}")
     if index is not None:
         return [str(PhantomId(site, index))]
+    if split is not None and split not in PHANTOM_SPLITS:
+        raise EnvError(f"case source {text!r}: unknown split {split!r}; valid: {list(PHANTOM_SPLITS)}")
     try:
-        return shipped_phantom_ids(site)
+        return shipped_phantom_ids(site, split)
     except DosegymError as exc:
         raise EnvError(f"case source {text!r}: the shipped phantoms are not available ({exc})") from exc
 
@@ -134,6 +142,9 @@ def _expand(cases: object) -> list[CaseRef]:
         parsed = parse_phantom_ref(text)
         if parsed is not None:
             return _phantom_ids(*parsed, text)
+        split = _SPLIT.match(text)
+        if split is not None:
+            return _phantom_ids(split["site"], None, text, split["split"])
         if text.startswith("phantoms"):
             raise EnvError(f"case source {text!r} is not a valid phantom source; valid forms: {VALID_FORMS}")
         p = Path(text)

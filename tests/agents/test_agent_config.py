@@ -101,11 +101,11 @@ def test_result_json_is_versioned(tmp_path, tiny_policy):
 
     agent = agents.get("best_of_n")(None, tiny_policy, {"n": 2, "seed": 3})
     agent.learn(4)
-    path = write_result(tmp_path, agent.result(scores={"x": float("nan")}))
+    path = write_result(tmp_path, agent.result(extra={"x": float("nan")}))
     doc = json.loads(path.read_text())
     assert path.name == "result.json"
     assert doc["schema_version"] == RESULT_SCHEMA_VERSION and doc["agent"] == "best_of_n" and doc["seed"] == 3
-    assert doc["config"]["n"] == 2 and doc["samples_trained"] == 4 and doc["scores"]["x"] is None
+    assert doc["config"]["n"] == 2 and doc["samples_trained"] == 4 and doc["extra"]["x"] is None
     assert doc["packages"]["torch"] and doc["packages"]["dosegym"]
 
 

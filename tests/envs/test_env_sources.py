@@ -45,6 +45,16 @@ def test_shipped_phantom_ids():
             CaseSource("phantoms:prostate")
 
 
+def test_phantom_splits():
+    held_out = [f"phantoms:headneck/{i}" for i in range(28, 32)]
+    assert CaseSource("phantoms:headneck/test").refs == held_out
+    train = CaseSource("phantoms:headneck/train").refs
+    assert len(train) == 28 and not set(train) & set(held_out)
+    assert len(CaseSource("phantoms/test")) == 12  # 4 held out per site
+    with pytest.raises(EnvError, match=r"unknown split 'val'; valid: \['train', 'test'\]"):
+        CaseSource("phantoms:headneck/val")
+
+
 def test_unknown_sources_list_the_valid_forms(tmp_path):
     for bad in ("no/such/folder", "phantom", 42, [3.0]):
         with pytest.raises(EnvError, match="phantoms"):

@@ -1,0 +1,253 @@
+"""``dosegym align`` end to end on a tiny model checkpoint: best_of_n and a test learner.
+
+``Plumbing`` is a test agent written against the shared learning-loop contract (issue 17):
+``learn`` runs whole iterations of one batched rollout through the env (seeded from
+``(config.seed, iteration)``) and one Adam step, appends the info dict to ``curves``,
+evaluates every ``eval_every`` iterations and after the last (``eval_history``, ``info["eval"]``)
+and calls ``callback(agent, info)``; ``save(..., training_state=True)`` / ``load(...,
+resume=True)`` keep the optimizer, iteration, curves and wall time. (Hand-written until
+``Agent`` has the template; then only ``train_iteration`` stays.)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import tiny_policy_config
+from typer.testing import CliRunner
+
+from dosegym import agents
+from dosegym.agents.base import Agent
+from dosegym.agents.evaluate import evaluate
+from dosegym.agents.result import read_result
+from dosegym.cli.main import app
+from dosegym.data.atomic import atomic_path
+
+STATE = "training_state.pt"
+
+
+@agents.register("plumbing")
+class Plumbing(Agent):
+    """See the module docstring."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._fresh()
+
+    def _after_load(self) -> None:
+        self._fresh()
+
+    def _fresh(self) -> None:
+        self.iteration, self.curves, self.eval_history, self.wall_s = 0, [], [], 0.0
+        self.optimizer = torch.optim.Adam(self.parameters(), lr=self.config.learning_rate)
+
+    def rollout(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        env = self.env
+        seed = int(np.random.SeedSequence([self.config.seed, self.iteration]).generate_state(1)[0])
+        obs, _ = env.reset(seed=seed)
+        for _ in range(self.config.sample_num_steps):
+            mean, std = env.policy_step(obs)
+            obs, reward, _, _, info = env.step(mean + std * env.sample_noise())
+        return reward, info["score_normalised"], info["reference_mae_gy"]
+
+    def learn(self, total_samples, callback=None):
+        n = self.check_budget(total_samples)
+        start = time.perf_counter() - self.wall_s
+        while self.iteration < n:
+            rewards, scores, maes = self.rollout()
+            params = self.parameters()
+            self.optimizer.zero_grad()
+            loss = (1.0 - float(rewards.mean())) * sum((p**2).sum() for p in params)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, math.inf)
+            self.optimizer.step()
+            self.iteration += 1
+            self.samples_trained += self.samples_per_iteration
+            self.wall_s = time.perf_counter() - start
+            info = {
+                "iteration": self.iteration,
+                "samples": self.samples_trained,
+                "wall_s": self.wall_s,
+                "lr": self.config.learning_rate,
+                "reward_mean": float(rewards.mean()),
+                "reward_std": float(rewards.std()),
+                "score_mean": float(scores.mean()),
+                "kl_mean": float("nan"),
+                "mae_gy": float(maes.mean()),
+                "loss": float(loss.detach()),
+                "grad_norm": float(grad_norm),
+                "tied_fraction": float(np.ptp(rewards) == 0),
+            }
+            self.curves.append(dict(info))
+            if self.iteration % self.config.eval_every == 0 or self.iteration == n:
+                summary = evaluate(self, self.eval_cases()).summary()
+                where = {"iteration": self.iteration, "samples": self.samples_trained}
+                self.eval_history.append({**where, **summary})
+                info["eval"] = summary
+            if callback is not None and callback(self, info) is False:
+                break
+        return self
+
+    def save(self, folder, training_state=False):
+        dest = super().save(folder)
+        if training_state:
+            state = {
+                "optimizer": self.optimizer.state_dict(),
+                "iteration": self.iteration,
+                "curves": self.curves,
+                "eval_history": self.eval_history,
+                "wall_s": self.wall_s,
+            }
+            with atomic_path(dest / STATE) as tmp:
+                torch.save(state, tmp)
+        return dest
+
+    @classmethod
+    def load(cls, folder, env=None, policy=None, resume=False):
+        agent = super().load(folder, env=env, policy=policy)
+        if resume:
+            state = torch.load(Path(folder) / STATE, weights_only=False)
+            agent.optimizer.load_state_dict(state["optimizer"])
+            agent.iteration, agent.wall_s = state["iteration"], state["wall_s"]
+            agent.curves, agent.eval_history = state["curves"], state["eval_history"]
+        return agent
+
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    from dosegym.diffusion import Any2Any
+    from dosegym.diffusion.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    config = tiny_policy_config()
+    return save_checkpoint(tmp_path_factory.mktemp("model") / "tiny", config, Any2Any(config).state_dict())
+
+
+def align(checkpoint: Path, out: Path, *extra: str, samples: int = 4, agent: str = "plumbing"):
+    args = [
+        "align", "--agent", agent, "--samples", str(samples), "--out", str(out),
+        "--checkpoint", str(checkpoint), "--cases", "phantoms:headneck/0", "--eval-cases",
+        "phantoms:headneck/28", "--steps", "2", "--diversity-samples", "2", "--no-progress", *extra,
+    ]  # fmt: skip
+    return runner.invoke(app, args)
+
+
+def write_config(path: Path, **fields) -> Path:
+    fields = {"samples_per_iteration": 2, "eval_every": 1, "learning_rate": 0.01, **fields}
+    path.write_text(json.dumps(fields))  # JSON is YAML
+    return path
+
+
+def adapter(folder: Path) -> bytes:
+    return (folder / "checkpoint" / "adapter.safetensors").read_bytes()
+
+
+def test_a_learner_run_writes_a_valid_result_tensorboard_and_checkpoint(tiny_checkpoint, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = write_config(tmp_path / "c.yaml")
+    out = tmp_path / "run"
+    r = align(tiny_checkpoint, out, "--config", str(cfg), "--num-envs", "2")
+    assert r.exit_code == 0, r.output
+    doc = read_result(out)
+    assert doc["agent"] == "plumbing" and doc["samples_trained"] == 4 and doc["iterations"] == 2
+    assert doc["config"]["sample_num_steps"] == 2 and doc["config"]["eval_cases"] == ["phantoms:headneck/28"]
+    assert doc["train_cases"] == ["phantoms:headneck/0"] and doc["base_checkpoint"] == str(tiny_checkpoint)
+    assert [c["samples"] for c in doc["curves"]] == [2, 4] and len(doc["eval_history"]) == 2
+    assert doc["before"]["summary"]["diversity_gy"] > 0
+    assert doc["after"]["cases"][0]["case_id"] == "headneck_028"
+    assert (out / "checkpoint" / STATE).is_file() and (out / "run.json").is_file()
+    events = EventAccumulator(str(out / "tb")).Reload()
+    tags = events.Tags()["scalars"]
+    assert {"train/loss", "train/reward_mean", "eval/score_mean", "eval/mae_gy"} <= set(tags)
+    assert [e.step for e in events.Scalars("eval/score_mean")] == [0, 2, 4, 4]  # before, every eval, after
+    assert list((out / "tb" / "hparams").glob("events.out.tfevents.*"))  # the hyperparameter table
+    assert "eval score" in r.output and "result.json" in r.output
+
+
+def test_resume_continues_exactly(tiny_checkpoint, tmp_path):
+    cfg = write_config(tmp_path / "c.yaml")
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    assert align(tiny_checkpoint, whole, "--config", str(cfg), samples=4).exit_code == 0
+    assert align(tiny_checkpoint, split, "--config", str(cfg), samples=2).exit_code == 0
+    again = align(tiny_checkpoint, split, "--config", str(cfg))
+    assert again.exit_code == 2 and "--resume" in again.output  # an earlier run is not overwritten
+    r = align(tiny_checkpoint, split, "--config", str(cfg), "--resume", samples=4)
+    assert r.exit_code == 0, r.output
+    a, b = read_result(whole), read_result(split)
+    drop = ("wall_s",)
+    assert [{k: v for k, v in c.items() if k not in drop} for c in a["curves"]] == [
+        {k: v for k, v in c.items() if k not in drop} for c in b["curves"]
+    ]
+    assert a["before"] == b["before"] and a["after"] == b["after"]
+    assert adapter(whole) == adapter(split)
+
+
+def test_resume_with_another_config_is_refused_unless_forced(tiny_checkpoint, tmp_path):
+    cfg = write_config(tmp_path / "c.yaml")
+    out = tmp_path / "run"
+    assert align(tiny_checkpoint, out, "--config", str(cfg), samples=2).exit_code == 0
+    r = align(tiny_checkpoint, out, "--config", str(cfg), "--resume", "--seed", "5")
+    assert r.exit_code == 2 and "config.seed: 0 -> 5" in r.output and "--force" in r.output
+    rank2 = write_config(tmp_path / "r.yaml", lora_rank=2)
+    r = align(tiny_checkpoint, out, "--config", str(rank2), "--resume")
+    assert r.exit_code == 2 and "cannot change what trains: lora_rank: 8 -> 2" in r.output
+    r = align(tiny_checkpoint, out, "--config", str(cfg), "--resume", "--seed", "5", "--force")
+    assert r.exit_code == 0, r.output
+    assert read_result(out)["seed"] == 5 and read_result(out)["samples_trained"] == 4
+
+
+def test_best_of_n_run(tiny_checkpoint, tmp_path):
+    cfg = tmp_path / "b.yaml"
+    cfg.write_text("n: 2\n")
+    out = tmp_path / "bon"
+    r = align(tiny_checkpoint, out, "--config", str(cfg), agent="best_of_n")
+    assert r.exit_code == 0, r.output
+    doc = read_result(out)
+    assert doc["agent"] == "best_of_n" and doc["config"]["n"] == 2 and doc["samples_trained"] == 4
+    assert doc["before"] == doc["after"] and not (out / "checkpoint").exists()  # nothing trains
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--agent", "nope"], "unknown agent 'nope'; valid: ["),
+        (["--scorecard", "nope"], "unknown scorecard 'nope'"),
+        (["--cases", "phantoms:brain"], "--cases: case source 'phantoms:brain'"),
+        (["--cases", "phantoms:headneck/3", "--eval-cases", "phantoms:headneck/val"], "unknown split 'val'"),
+        (["--eval-seeds", "0,0"], "--eval-seeds '0,0': give distinct integers"),
+        (["--steps", "100000"], "--steps (sample_num_steps) must be an integer in [1, "),
+        (["--resume"], "no earlier align run to resume"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(tiny_checkpoint, tmp_path, args, message):
+    r = runner.invoke(
+        app,
+        ["align", "--agent", "best_of_n", "--samples", "4", "--out", str(tmp_path / "o"), "--checkpoint",
+         str(tiny_checkpoint), "--no-progress", *args],
+    )  # fmt: skip
+    assert r.exit_code == 2 and message in " ".join(r.output.split()), r.output
+    assert "Traceback" not in r.output and not (tmp_path / "o" / "result.json").exists()
+
+
+def test_bad_config_field_and_out_are_refused_before_any_work(tiny_checkpoint, tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("sampels_per_iteration: 2\n")
+    r = align(tiny_checkpoint, tmp_path / "o", "--config", str(cfg))
+    assert r.exit_code == 2 and "unknown field 'sampels_per_iteration'" in r.output
+    assert "valid fields" in r.output
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    r = align(tiny_checkpoint, mine, "--agent", "nope")
+    assert r.exit_code == 2 and "not an earlier dosegym align output" in " ".join(r.output.split())
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
