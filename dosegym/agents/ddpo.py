@@ -47,6 +47,7 @@ from pydantic import Field, model_validator
 
 from dosegym.agents.base import Agent
 from dosegym.agents.config import AgentConfig
+from dosegym.agents.optim import ADAM_BETAS, ADAM_EPS, ADAM_WEIGHT_DECAY
 from dosegym.agents.rollout import Rollouts, check_env, collect, step_gaussian
 from dosegym.agents.stat_tracking import PerCaseStatTracker, batch_advantages
 from dosegym.diffusion.schedulers import gaussian_log_prob
@@ -74,8 +75,9 @@ TRL_MAPPED: dict[str, tuple[Any, str]] = {
 #: trl's sampling batch: ``samples_per_iteration = sample_batch_size * sample_num_batches_per_epoch``.
 TRL_SAMPLES = {"sample_batch_size": 1, "sample_num_batches_per_epoch": 2}
 #: Our optimizer (:class:`~dosegym.agents.optim.Optim`): AdamW with trl's default settings.
-TRL_ADAM = {"train_adam_beta1": 0.9, "train_adam_beta2": 0.999, "train_adam_weight_decay": 1e-4,
-            "train_adam_epsilon": 1e-8, "train_use_8bit_adam": False}  # fmt: skip
+TRL_ADAM = {"train_adam_beta1": ADAM_BETAS[0], "train_adam_beta2": ADAM_BETAS[1],
+            "train_adam_weight_decay": ADAM_WEIGHT_DECAY, "train_adam_epsilon": ADAM_EPS,
+            "train_use_8bit_adam": False}  # fmt: skip
 _RUN = "run management, done by `dosegym align` (--out, --samples, --resume; TensorBoard logs always)"
 #: trl fields that do not apply: trl name -> (trl default, why). A default of ``...`` is
 #: computed by trl at import (never compared).

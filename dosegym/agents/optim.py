@@ -2,13 +2,14 @@
 
 :class:`Optim` holds an ``accelerate.Accelerator`` (``cpu=True`` on a CPU policy;
 ``mixed_precision`` from the config, bf16 allowed on CPU), AdamW over ``agent.parameters()``
-and the denoiser prepared for training (DDP under ``accelerate launch``; its forwards
-autocast under mixed precision). :meth:`Optim.backward` is one micro-batch: it refuses a
-non-finite loss, back-propagates (scaled for accumulation) and, on the micro-batch that
-completes an accumulation of ``accumulation_steps``, clips the gradient to
-``max_grad_norm`` (the gradient norm is all-reduced, so every rank sees the same one),
-refuses a non-finite norm, steps and zeroes. The learning rate of iteration ``i`` of ``n``
-is ``config.learning_rate_at(i, n)`` (:meth:`Optim.set_iteration`): a function of the
+(trl's DDPO settings: betas (0.9, 0.999), weight decay 1e-4, eps 1e-8) and the denoiser
+prepared for training (DDP under ``accelerate launch``; its forwards autocast under mixed
+precision). :meth:`Optim.backward` is one micro-batch: it refuses a non-finite loss,
+back-propagates (scaled for accumulation) and, on the micro-batch that completes an
+accumulation of ``accumulation_steps``, clips the gradient to ``max_grad_norm`` (the
+gradient norm is all-reduced, so every rank sees the same one), refuses a non-finite norm,
+steps and zeroes. The learning rate of iteration ``i`` of ``n`` is
+``config.learning_rate_at(i, n)`` (:meth:`Optim.set_iteration`): a function of the
 iteration only, so a checkpoint needs the optimizer's state and the iteration, no
 scheduler state.
 
@@ -26,6 +27,11 @@ import torch
 
 from dosegym.agents.config import AgentConfig
 from dosegym.errors import AgentError
+
+#: AdamW's settings (trl's DDPOConfig defaults).
+ADAM_BETAS = (0.9, 0.999)
+ADAM_WEIGHT_DECAY = 1e-4
+ADAM_EPS = 1e-8
 
 
 def make_accelerator(cpu: bool, mixed_precision: str, accumulation_steps: int) -> Any:
@@ -64,7 +70,9 @@ class Optim:
         self.max_grad_norm = float(max_grad_norm)
         self.accelerator = make_accelerator(device.type == "cpu", config.mixed_precision, accumulation_steps)
         self.params = params
-        optimizer = torch.optim.AdamW(params, lr=config.learning_rate)
+        optimizer = torch.optim.AdamW(
+            params, lr=config.learning_rate, betas=ADAM_BETAS, weight_decay=ADAM_WEIGHT_DECAY, eps=ADAM_EPS
+        )
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.grad_norms: list[float] = []
 
