@@ -8,7 +8,10 @@ so that load changes hit both alike): one reverse step done by hand, ``model(x, 
   vector env), numpy observations:
 
   - DenoiseDose, GuidedDose: median time of a mid-episode ``env.step(action)`` / median
-    time of the baseline step. ``env.step`` checks the action, runs the pretrained forward
+    time of the baseline step. GuidedDose also against the guided step done by hand (the
+    baseline step plus ``SoftScorer.group_directions`` of each sample and the step to the
+    moved x̂0): what the env adds over the guidance it must compute. ``env.step`` checks the
+    action, runs the pretrained forward
     (log-probability; GuidedDose: the soft-scorecard gradients of every objective group and
     the guided step), advances and copies the observation to numpy. The last step (decode +
     scorecard) is timed separately.
@@ -45,10 +48,13 @@ from data_paths import PT_108
 
 from dosegym.diffusion import Any2Any, DosePolicy, PretrainConfig, load_pretrained, seeded_generator
 from dosegym.diffusion.policy import shipped_checkpoint_dir
-from dosegym.diffusion.schedulers import make_scheduler, reverse_step
+from dosegym.diffusion.schedulers import make_scheduler, output_for_x0, per_sample, reverse_step
+from dosegym.diffusion.slots import make_resampler
 from dosegym.envs.bandit import ScorecardBanditEnv, ScorecardBanditVectorEnv
+from dosegym.envs.cards import CardChooser
 from dosegym.envs.denoise import DenoiseDoseEnv, DenoiseDoseVectorEnv
-from dosegym.envs.guided import GuidedDoseEnv, GuidedDoseVectorEnv
+from dosegym.envs.guidance import SoftScorer
+from dosegym.envs.guided import GuidedConfig, GuidedDoseEnv, GuidedDoseVectorEnv
 
 ROOT = Path(__file__).resolve().parents[1]
 PATIENT = PT_108
@@ -138,6 +144,25 @@ def measure(policy: DosePolicy, case, kind: str, b: int, steps: int, repeats: in
             noise = torch.randn(x.shape, generator=gen).to(x.device)
             state["x"] = reverse_step(scheduler, out, t, x, eta=policy.eta, variance_noise=noise).prev_sample
 
+    scorer = None
+    if kind == "guided":
+        scorer = SoftScorer(CardChooser(None).card_for(case), case, make_resampler(case, policy.spec), 1.0)
+
+    def raw_guided_step(t: torch.Tensor) -> None:
+        """The guided step by hand: forward, each group's direction, the step to the moved x̂0."""
+        assert scorer is not None
+        x = state["x"]
+        with torch.no_grad():
+            d = reverse_step(scheduler, policy.model(x, t, cond), t, x, eta=policy.eta)
+        x0 = d.pred_original_sample
+        dirs = torch.stack([scorer.group_directions(x0[i : i + 1])[1] for i in range(b)])
+        moved = x0 + GuidedConfig.guidance_scale * 0.5 * dirs.sum(1)
+        a_t = per_sample(scheduler.alphas_cumprod, t.long().reshape(1).expand(b), x.ndim)
+        out = output_for_x0(scheduler.config.prediction_type, moved, x, a_t)
+        noise = torch.randn(x.shape, generator=gen).to(x.device)
+        with torch.no_grad():
+            state["x"] = reverse_step(scheduler, out, t, x, eta=policy.eta, variance_noise=noise).prev_sample
+
     def raw_chain() -> None:
         state["x"] = policy.initial_noise(b, gen)
         for t in scheduler.timesteps:
@@ -149,7 +174,7 @@ def measure(policy: DosePolicy, case, kind: str, b: int, steps: int, repeats: in
     obs, _ = env.reset(seed=0)
     action = fixed_action(kind, env, obs)
     raw_chain()  # warm-up
-    raw, mid, last = [], [], []
+    raw, mid, last, guided = [], [], [], []
 
     def bandit_episode(seed: int, dose: np.ndarray) -> None:
         env.reset(seed=seed)
@@ -169,9 +194,13 @@ def measure(policy: DosePolicy, case, kind: str, b: int, steps: int, repeats: in
         state["x"] = policy.initial_noise(b, gen)
         for k, t in enumerate(scheduler.timesteps):
             raw.append(timer(raw_step, t))
+            if scorer is not None and k < steps - 1:
+                x = state["x"]
+                guided.append(timer(raw_guided_step, t))
+                state["x"] = x
             (last if k == steps - 1 else mid).append(timer(env.step, action))
     med = statistics.median
-    return {"raw": med(raw), "env": med(mid), "last": med(last)}
+    return {"raw": med(raw), "env": med(mid), "last": med(last), "guided": med(guided) if guided else None}
 
 
 def throughput(
@@ -213,10 +242,14 @@ def main() -> None:
     for kind in kinds:
         for b in (1, 8):
             r = measure(policy, case, kind, b, args.steps, args.repeats, args.device)
-            print(
+            line = (
                 f"{KINDS[kind][0]:<16} {b:>3} {r['raw'] * 1e3:10.1f} {r['env'] * 1e3:10.1f} "
                 f"{r['env'] / r['raw']:9.3f} {r['last'] * 1e3:13.1f}"
             )
+            if r["guided"] is not None:
+                g = r["guided"]
+                line += f"   raw guided step {g * 1e3:.1f} ms: env / raw guided {r['env'] / g:.3f}"
+            print(line)
     print(f"\n{'kind':<16} {'vector B=8 ep/s':>16} {'8 singles ep/s':>15} {'ratio':>6}")
     for kind in kinds:
         vec, one = throughput(policy, case, kind, 8, args.steps, args.repeats, args.device)

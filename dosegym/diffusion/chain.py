@@ -303,16 +303,18 @@ class ReverseChain:
         ``prev_sample`` (the new state), the pretrained ``mean``, ``std``, x̂0 and
         ``log_prob`` of ``prev_sample`` (NaN where deterministic)."""
         d = self.distribution()
-        assert self.x is not None
         if x_prev is None:
             x_prev = d.mean + d.std * self.noise() if self.stochastic else d.mean
-        elif tuple(x_prev.shape) != tuple(self.x.shape):
-            raise ModelError(
-                f"chain.step: x_prev shape {tuple(x_prev.shape)}; expected {tuple(self.x.shape)}"
-            )
-        log_prob = gaussian_log_prob(x_prev.detach(), d.mean, d.std, deterministic="nan")
+        log_prob = gaussian_log_prob(self._checked(x_prev).detach(), d.mean, d.std, deterministic="nan")
         self.x, self.k, self._dist = x_prev, self.k + 1, None
         return ReverseStepOutput(x_prev, d.mean, d.std, log_prob, d.pred_original_sample)
+
+    def advance(self, x_prev: torch.Tensor) -> None:
+        """Move to ``x_prev`` without running the model (no log-prob): the step of a caller
+        whose own model chose x_{t-1} (an agent's rollout). A distribution already computed
+        for this step is dropped."""
+        self._check_running()
+        self.x, self.k, self._dist = self._checked(x_prev), self.k + 1, None
 
     def run(self) -> torch.Tensor:
         """Take every remaining step on-policy; the final state ``(B, C, Z, Y, X)``."""
@@ -322,6 +324,14 @@ class ReverseChain:
         return self.x
 
     # -- internals ----------------------------------------------------------------------
+    def _checked(self, x_prev: torch.Tensor) -> torch.Tensor:
+        assert self.x is not None
+        if tuple(x_prev.shape) != tuple(self.x.shape):
+            raise ModelError(
+                f"chain.step: x_prev shape {tuple(x_prev.shape)}; expected {tuple(self.x.shape)}"
+            )
+        return x_prev
+
     def _check_running(self) -> None:
         if self.x is None:
             raise ModelError("the chain has not started: call start(cond, generators) first")

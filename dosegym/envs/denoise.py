@@ -19,11 +19,17 @@ from dosegym.errors import EnvError
 @dataclass(frozen=True, eq=False)
 class DenoiseConfig(EnvConfig):
     """DenoiseDose's arguments: :class:`~dosegym.envs.config.EnvConfig`'s plus ``x_bound``
-    (bound of the state and action Boxes)."""
+    (bound of the state and action Boxes) and ``pretrained_log_prob`` (run the pretrained
+    model at every step for ``info["log_prob"]``; False: only where the reward needs it)."""
 
     x_bound: float = 20.0
+    pretrained_log_prob: bool = True
 
     CHECKS = {"x_bound": (">0", "a finite number > 0")}
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._set(pretrained_log_prob=bool(self.pretrained_log_prob))
 
 
 class DenoiseCore(ChainCore):
@@ -50,15 +56,30 @@ class DenoiseCore(ChainCore):
 
     def _chain_step(self, actions: Any) -> Transition:
         a = self.as_action(actions, self.single_action_space)
-        dist = self.chain.distribution()
+        every_step = self.config.pretrained_log_prob
+        last = self.chain.k == self.steps - 1
+        dist = None
+        if every_step or self._agent is not None or last and self._anchor_needed():
+            dist = self.chain.distribution()
         kl = None
-        if self._agent is not None and bool((dist.std > 0).all()):
+        if self._agent is not None and dist is not None and bool((dist.std > 0).all()):
             kl = gaussian_kl(self._agent[0], self._agent[1], dist.mean, dist.std).cpu().numpy()
         self._agent = None
-        log_prob = self.chain.step(a).log_prob
-        assert log_prob is not None
-        extras = [{"log_prob": float(lp)} for lp in log_prob.cpu().numpy()]
-        return Transition(a, dist.pred_original_sample, kl, False, extras)
+        if every_step:
+            log_prob = self.chain.step(a).log_prob
+            assert log_prob is not None
+            extras = [{"log_prob": float(lp)} for lp in log_prob.cpu().numpy()]
+        else:  # the agent's own forward chose the step: the frozen model idles
+            self.chain.advance(a)
+            extras = [{} for _ in range(self.batch)]
+        return Transition(a, None if dist is None else dist.pred_original_sample, kl, False, extras)
+
+    def _anchor_needed(self) -> bool:
+        """Whether the last step's fidelity anchor is the pretrained x̂0 (fidelity
+        ``"pretrained"``, or ``"auto"`` with an episode whose case has no reference dose)."""
+        fidelity = self.reward_config.fidelity
+        no_reference = any(cd.reference_gy is None for cd in self.cds)
+        return fidelity == "pretrained" or fidelity == "auto" and no_reference
 
     def observation(self) -> dict[str, Any]:
         assert self.chain.x is not None
@@ -194,8 +215,9 @@ class DenoiseDoseEnv(DenoiseHelpers, DoseEnv):
     ## Info
 
     Every step: ``step``, ``timestep``, ``log_prob`` (the action's log-density under the
-    pretrained step Gaussian, averaged over elements; NaN for a deterministic step), ``kl``
-    when the agent gave its Gaussian. At reset: ``case_id``, ``case_key``, ``sampler_seed``,
+    pretrained step Gaussian, averaged over elements; NaN for a deterministic step; not with
+    ``pretrained_log_prob=False``), ``kl`` when the agent gave its Gaussian. At reset:
+    ``case_id``, ``case_key``, ``sampler_seed``,
     ``scorecard``, ``score_matched_fraction`` (the share of the card's maximum that the
     items the case matches carry, :func:`~dosegym.scorecards.fit.card_fit`). On the last step
     also: ``score_report`` (the full ``ScoreReport`` as a dict), ``score_total``,
@@ -218,6 +240,11 @@ class DenoiseDoseEnv(DenoiseHelpers, DoseEnv):
     - ``obs_backend``: ``"numpy"`` (default) or ``"torch"``.
     - ``render_mode``: ``"rgb_array"`` (slices of the current x̂0) or ``"ansi"`` (its score table).
     - ``x_bound``: bound of the state and action Boxes (default 20).
+    - ``pretrained_log_prob``: run the pretrained model at every step for ``info["log_prob"]``
+      (default True). False, for agents whose own model chooses the steps: the frozen model
+      runs only where the reward needs it (the KL of a step whose Gaussian the agent gave,
+      the pretrained x̂0 of the last step as the fidelity anchor), so a rollout with
+      ``w_kl = 0`` costs the agent's one forward per step.
     - ``case_cache``: prepared cases kept in memory (an integer >= 1, default 16).
     - ``allow_card_mismatch``: score with a card that does not fit the case (default False:
       ``reset`` raises ``EnvError`` when the case's matched items carry less than half the

@@ -154,6 +154,50 @@ def test_agent_gaussian_charges_kl(tiny_policy, prostate_cases):
     assert "kl" not in info and reward == 0.0
 
 
+def _replay(env, seed, actions, gaussians=None):
+    """An episode of given actions (and agent Gaussians): the infos of every step."""
+    env.reset(seed=seed)
+    infos = []
+    for k, action in enumerate(actions):
+        if gaussians is not None:
+            env.unwrapped.set_agent_gaussian(*gaussians[k])
+        infos.append(env.step(action)[4])
+    return infos
+
+
+@pytest.mark.parametrize("with_reference", [True, False])
+def test_without_pretrained_log_prob_the_frozen_model_idles(
+    tiny_policy, pt108, prostate_cases, with_reference
+):
+    cases = [pt108] if with_reference else prostate_cases[:1]
+    actions = []
+    env = make(tiny_policy, cases)
+    u = env.unwrapped
+    obs, _ = env.reset(seed=5)
+    for _ in range(STEPS):
+        mean, std = u.policy_step(obs)
+        actions.append(mean + std * u.sample_noise())
+        obs = env.step(actions[-1])[0]
+    full = _replay(env, 5, actions)
+    lean = make(tiny_policy, cases, pretrained_log_prob=False)
+    calls = []
+    hook = tiny_policy.model.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        lean_infos = _replay(lean, 5, actions)
+    finally:
+        hook.remove()
+    # a reference dose anchors fidelity: no forward at all; else one, for the last step's x̂0
+    assert len(calls) == (0 if with_reference else 1)
+    assert all("log_prob" not in info for info in lean_infos)
+    drop = {"log_prob"}
+    assert [{k: v for k, v in i.items() if k not in drop} for i in full] == lean_infos
+    # an agent Gaussian still gets its KL charged: the frozen model runs for that step only
+    kl_env = make(tiny_policy, cases, pretrained_log_prob=False, reward={"w_kl": 1.0})
+    gaussians = [(a, np.full((1, 1, 1, 1), 0.5, np.float32)) for a in actions]
+    kl_infos = _replay(kl_env, 5, actions, gaussians)
+    assert all(np.isfinite(i["kl"]) for i in kl_infos[:-1])
+
+
 def test_baseline_scale(tiny_policy, prostate_cases):
     env = make(tiny_policy, prostate_cases[:1], reward={"scale": "baseline", "baseline_samples": 2})
     _, _, rewards, infos = run_on_policy(env, seed=0)
