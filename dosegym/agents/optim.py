@@ -15,7 +15,9 @@ scheduler state.
 
 Several processes (``accelerate launch --num_processes P``): every rank collects its own
 rollouts (its seeds depend on its rank), gradients are all-reduced by DDP, and only the
-main process (:attr:`Optim.is_main`) writes files.
+main process (:attr:`Optim.is_main`) writes files. On CPUs:
+``ACCELERATE_USE_CPU=yes accelerate launch --multi_gpu --num_processes P ...`` (gloo; accelerate's
+``--cpu`` flag alone runs a single process).
 """
 
 from __future__ import annotations
@@ -38,10 +40,17 @@ def make_accelerator(cpu: bool, mixed_precision: str, accumulation_steps: int) -
     """An ``accelerate.Accelerator``. In a single process whose accelerate state was set up
     with another precision (an earlier agent), that state is reset first; under a launcher
     the precision must be the launch's."""
-    from accelerate import Accelerator
+    from accelerate import Accelerator, DistributedDataParallelKwargs
     from accelerate.state import AcceleratorState, PartialState
 
-    kw = dict(cpu=cpu, mixed_precision=mixed_precision, gradient_accumulation_steps=accumulation_steps)
+    # adapters on the heads and encoders of slots a case lacks get no gradient: DDP must look
+    # for unused parameters (as pretraining does)
+    kw = dict(
+        cpu=cpu,
+        mixed_precision=mixed_precision,
+        gradient_accumulation_steps=accumulation_steps,
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+    )
     try:
         return Accelerator(**kw)
     except ValueError as exc:

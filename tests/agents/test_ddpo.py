@@ -15,10 +15,8 @@ from dosegym.agents.base import weights_fingerprint
 from dosegym.agents.ddpo import DDPO, DDPOConfig, clip_advantages, ddpo_loss, tied_fraction
 from dosegym.agents.rollout import collect, step_gaussian
 from dosegym.agents.stat_tracking import PerCaseStatTracker, batch_advantages
-from dosegym.envs.denoise import DenoiseConfig
 from dosegym.errors import AgentError
 
-HAS_LOG_PROB_SWITCH = "pretrained_log_prob" in DenoiseConfig.__dataclass_fields__
 #: Fidelity makes every episode's reward differ (the tiny random model's scores often tie).
 REWARD = {"w_fid": 1.0}
 FAST = {"samples_per_iteration": 4, "sample_num_steps": 4, "train_batch_size": 2, "learning_rate": 1e-3}
@@ -26,8 +24,7 @@ FAST = {"samples_per_iteration": 4, "sample_num_steps": 4, "train_batch_size": 2
 
 def ddpo_env(policy, **kw):
     kw.setdefault("reward", REWARD)
-    if HAS_LOG_PROB_SWITCH:
-        kw.setdefault("pretrained_log_prob", False)
+    kw.setdefault("pretrained_log_prob", False)
     return make_env(policy, obs_backend="torch", **kw)
 
 
@@ -185,9 +182,7 @@ def test_rollout_costs_one_trainable_forward_per_step(tiny_policy, denv):
         mean, std = step_gaussian(agent.policy.model, denv.core.chain.scheduler, ro.x_t[:1, 2],
                                   ro.timesteps[2], cond, 1.0)  # fmt: skip
     assert float(((ro.x_prev[:1, 2] - mean) / std).std()) == pytest.approx(1.0, abs=0.05)
-    if not HAS_LOG_PROB_SWITCH:
-        pytest.skip("DenoiseConfig.pretrained_log_prob is not on this branch: the frozen model still runs")
-    assert calls["frozen"] == 0
+    assert calls["frozen"] == 0  # w_kl = 0, reference fidelity: the frozen model never runs
 
 
 def test_rollout_tells_the_env_its_gaussian_only_when_kl_is_charged(tiny_policy):
