@@ -12,8 +12,11 @@ Modules: :mod:`~dosegym.agents.config` (``AgentConfig``, torch-free),
 :mod:`~dosegym.agents.registry` (``get``, ``register``, ``available``; torch-free; how to add
 an agent), :mod:`~dosegym.agents.base` (``Agent``, the checks, saving, ``result.json``),
 :mod:`~dosegym.agents.lora` (what trains: LoRA through peft, or full weights),
-:mod:`~dosegym.agents.best_of_n` (``BestOfN``). ``Agent`` and ``BestOfN`` import torch on
-first use.
+:mod:`~dosegym.agents.best_of_n` (``BestOfN``), :mod:`~dosegym.agents.ddpo` (``DDPO``), and
+the training machinery: :mod:`~dosegym.agents.optim` (the accelerate optimizer step),
+:mod:`~dosegym.agents.rollout` (batched rollouts through the DenoiseDose vector env),
+:mod:`~dosegym.agents.stat_tracking` (per-case reward normalisation). The agents import
+torch on first use.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ _LAZY = {
     "Agent": "dosegym.agents.base",
     "BestOfN": "dosegym.agents.best_of_n",
     "BestOfNConfig": "dosegym.agents.best_of_n",
+    "DDPO": "dosegym.agents.ddpo",
+    "DDPOConfig": "dosegym.agents.ddpo",
     "write_result": "dosegym.agents.base",
 }
 

@@ -369,3 +369,14 @@ def test_nonfinite_loss_is_refused_before_the_update(tiny_policy, denv, monkeypa
         agent.learn(4)
     after = lora_state(agent)
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_bf16_mixed_precision_on_cpu_trains(tiny_policy, denv):
+    agent = DDPO(denv, tiny_policy, {**FAST, "mixed_precision": "bf16"})
+    before = lora_state(agent)
+    infos = []
+    agent.learn(4, callback=lambda a, i: infos.append(i))
+    assert agent.optim.accelerator.mixed_precision == "bf16"
+    assert math.isfinite(infos[0]["loss"]) and math.isfinite(infos[0]["grad_norm"])
+    assert any(not torch.equal(v, lora_state(agent)[k]) for k, v in before.items())
+    assert all(p.dtype == torch.float32 for p in agent.parameters())  # weights stay float32
