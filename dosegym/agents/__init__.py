@@ -12,10 +12,13 @@ Modules: :mod:`~dosegym.agents.config` (``AgentConfig``, torch-free),
 :mod:`~dosegym.agents.registry` (``get``, ``register``, ``available``; torch-free; how to add
 an agent), :mod:`~dosegym.agents.base` (``Agent``, the checks, saving, ``result.json``),
 :mod:`~dosegym.agents.lora` (what trains: LoRA through peft, or full weights),
-:mod:`~dosegym.agents.best_of_n` (``BestOfN``), :mod:`~dosegym.agents.evaluate` (``evaluate``,
-``EvalResult``, ``PolicyPredictor``), :mod:`~dosegym.agents.result` (the ``result.json``
-schema: ``write_result``, ``read_result``, ``validate_result``). ``Agent`` and ``BestOfN`` import torch on
-first use.
+the agents (:mod:`~dosegym.agents.best_of_n` ``BestOfN``, :mod:`~dosegym.agents.ddpo`
+``DDPO``), :mod:`~dosegym.agents.evaluate` (``evaluate``, ``EvalResult``,
+``PolicyPredictor``), :mod:`~dosegym.agents.result` (the ``result.json`` schema:
+``write_result``, ``read_result``, ``validate_result``), and the training machinery:
+:mod:`~dosegym.agents.optim` (the accelerate optimizer step), :mod:`~dosegym.agents.rollout`
+(batched rollouts through the DenoiseDose vector env), :mod:`~dosegym.agents.stat_tracking`
+(per-case reward normalisation). The agents import torch on first use.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ _LAZY = {
     "Agent": "dosegym.agents.base",
     "BestOfN": "dosegym.agents.best_of_n",
     "BestOfNConfig": "dosegym.agents.best_of_n",
+    "DDPO": "dosegym.agents.ddpo",
+    "DDPOConfig": "dosegym.agents.ddpo",
     "write_result": "dosegym.agents.result",
     "read_result": "dosegym.agents.result",
     "validate_result": "dosegym.agents.result",

@@ -16,17 +16,35 @@ policy (:mod:`dosegym.agents.lora`; the given policy is never changed, its froze
 is :meth:`Agent.reference`), atomic saving and loading, and the ``result.json`` document
 (:meth:`Agent.result`; the schema, writer and reader are in :mod:`dosegym.agents.result`).
 
+**The learning loop** (:meth:`Agent.learn`, the template every learning agent fills in with
+:meth:`Agent.train_iteration`): check the budget, :meth:`Agent.setup_training` (the shared
+optimizer step :class:`~dosegym.agents.optim.Optim`, once; a resumed state applied), evaluate
+the ``eval_cases`` before the first iteration, then per iteration ``metrics =
+train_iteration()`` and :meth:`Agent._after_iteration` (counts, non-finite checks, evaluation
+every ``eval_every`` iterations and after the last, :attr:`Agent.curves`, the callback).
+Agents that drive their own loop (SB3) call ``setup_training`` and ``_after_iteration`` the
+same way. Rollout randomness comes from :meth:`Agent.rollout_seed` and
+:meth:`Agent.generator`, functions of ``(config.seed, iteration, index, rank)``, so a resumed
+run needs no env RNG state.
+
 A saved agent folder (one atomic write, writer :data:`WRITER`): ``agent.json`` (agent name,
 format version, base checkpoint and the fingerprint of its weights, samples trained),
 ``config.yaml`` and what trains (``adapter.safetensors`` + ``adapter.json`` or
-``weights.safetensors`` + ``weights.json``; nothing for an agent that learns nothing).
+``weights.safetensors`` + ``weights.json``; nothing for an agent that learns nothing) and,
+saved with ``training_state=True``, ``training_state.pt`` (what :meth:`Agent.load` with
+``resume=True`` needs to continue exactly: the optimizer's state, ``iteration``,
+``samples_trained``, ``wall_s``, ``curves``, ``eval_history``, torch's and numpy's global RNG
+states and the agent's own state, e.g. DDPO's stat tracker; plain tensors and lists, read
+with ``weights_only=True``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Iterable
+import math
+import time
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -36,15 +54,8 @@ import torch
 from dosegym._version import __version__
 from dosegym.agents import lora
 from dosegym.agents.config import AgentConfig
-from dosegym.agents.result import (  # noqa: F401 - re-exported: the result.json API moved to result.py
-    RESULT_FILE,
-    RESULT_PACKAGES,
-    RESULT_SCHEMA_VERSION,
-    agent_result,
-    package_versions,
-    result_document,
-    write_result,
-)
+from dosegym.agents.optim import Optim
+from dosegym.agents.result import agent_result
 from dosegym.data.atomic import atomic_folder, json_text
 from dosegym.data.case import Case
 from dosegym.diffusion import DosePolicy, load_pretrained
@@ -56,6 +67,8 @@ WRITER = "dosegym agent"
 AGENT_FILE = "agent.json"
 CONFIG_FILE = "config.yaml"
 FORMAT_VERSION = 1
+TRAINING_STATE_FILE = "training_state.pt"
+TRAINING_STATE_VERSION = 1
 #: The base checkpoint of a policy loaded without a path.
 SHIPPED = "shipped"
 
@@ -134,9 +147,24 @@ class Agent:
         self.policy = policy
         if self.learns:
             c = self.config
-            self.policy, self.trains = lora.trainable_policy(
-                policy, c.train, c.lora_rank, c.lora_alpha, c.lora_targets
-            )
+            with torch.random.fork_rng(devices=[]):  # the adapters' initial weights follow the seed
+                torch.manual_seed(c.seed % 2**63)
+                self.policy, self.trains = lora.trainable_policy(
+                    policy, c.train, c.lora_rank, c.lora_alpha, c.lora_targets
+                )
+        self._init_training()
+
+    def _init_training(self) -> None:
+        """The training state of a fresh agent (also set by :meth:`load`)."""
+        self.iteration = 0
+        self.total_iterations = 0
+        self.wall_s = 0.0
+        self.curves: list[dict[str, Any]] = []
+        self.eval_history: list[dict[str, Any]] = []
+        self.optim: Optim | None = None
+        self.last_checkpoint: str | None = None
+        self._resume: dict[str, Any] | None = None
+        self._wall_start = time.perf_counter()
 
     # -- what trains --------------------------------------------------------------------
     def reference(self) -> DosePolicy:
@@ -213,12 +241,128 @@ class Agent:
         except DosegymError as exc:
             raise AgentError(f"eval_cases: {exc}") from exc
 
-    # -- the contract -------------------------------------------------------------------
+    # -- the learning loop --------------------------------------------------------------
     def learn(self, total_samples: int, callback: Callback | None = None) -> Agent:
         """Collect rollouts through the env and update what trains, for ``total_samples``
-        samples (whole iterations). Returns ``self``."""
-        raise NotImplementedError
+        more samples (whole iterations; see the module docstring). Returns ``self``."""
+        n = self.check_budget(total_samples)
+        self.setup_training(n)
+        if self.config.eval_cases and self.iteration == 0 and not self.eval_history:
+            self._record_eval()
+        for _ in range(n):
+            if self._after_iteration(self.train_iteration(), callback) is False:
+                break
+        return self
 
+    def train_iteration(self) -> dict[str, float]:
+        """One iteration: collect ``samples_per_iteration`` rollouts and update; the metrics
+        (``reward_mean``, ``reward_std``, ``score_mean``, ``kl_mean``, ``mae_gy``, ``loss``,
+        ``grad_norm``, ``tied_fraction``, and the agent's own)."""
+        raise NotImplementedError(f"{type(self).__name__} does not train by iterations")
+
+    def grad_clip_norm(self) -> float:
+        """The gradient-norm clip of the optimizer step (``inf``: none; DDPO: ``train_max_grad_norm``)."""
+        return math.inf
+
+    def accumulation_steps(self) -> int:
+        """Micro-batches per optimizer step (default ``config.gradient_accumulation_steps``)."""
+        return int(self.config.gradient_accumulation_steps)
+
+    def setup_training(self, iterations: int) -> None:
+        """Before ``iterations`` more iterations: the learning-rate horizon (iterations done +
+        ``iterations``), the optimizer step (made once), a resumed state applied."""
+        self.total_iterations = self.iteration + int(iterations)
+        if self.learns and self.optim is None:
+            self.optim = Optim(
+                self.policy.model,
+                self.parameters(),
+                self.config,
+                self.grad_clip_norm(),
+                self.accumulation_steps(),
+            )
+        if self._resume is not None:
+            if self.optim is not None and self._resume.get("optim") is not None:
+                self.optim.load_state_dict(self._resume["optim"])
+            self._resume = None
+        self._wall_start = time.perf_counter() - self.wall_s
+
+    @property
+    def rank(self) -> int:
+        """This process's rank under ``accelerate launch`` (0 alone)."""
+        return self.optim.rank if self.optim is not None else 0
+
+    @property
+    def is_main_process(self) -> bool:
+        """Whether this process writes files (rank 0)."""
+        return self.optim is None or self.optim.is_main
+
+    def _stream(self, index: int, purpose: int) -> np.random.SeedSequence:
+        return np.random.SeedSequence([self.config.seed % 2**63, self.iteration, purpose, self.rank, index])
+
+    def rollout_seed(self, index: int) -> int:
+        """The env reset seed of rollout batch ``index`` of the current iteration on this rank
+        (a function of ``(config.seed, iteration, index, rank)``)."""
+        return int(self._stream(index, 0).generate_state(1, np.uint32)[0])
+
+    def generator(self, index: int = 0) -> torch.Generator:
+        """A CPU generator for the current iteration's training draws (shuffles, timesteps),
+        seeded from ``(config.seed, iteration, index, rank)``."""
+        seed = int(self._stream(index, 1).generate_state(2, np.uint32).astype(np.uint64) @ [1, 2**32])
+        return torch.Generator("cpu").manual_seed(seed)
+
+    def nonfinite_error(self, what: str) -> AgentError:
+        """The error that stops a run on a non-finite value ``what`` (which case, which step)."""
+        ckpt = self.last_checkpoint or "none (no checkpoint was saved in this run)"
+        return AgentError(
+            f"iteration {self.iteration + 1}: {what}. Training stopped before any update of this "
+            f"iteration: the weights are those after iteration {self.iteration}, and the last good "
+            f"checkpoint is {ckpt}"
+        )
+
+    def _after_iteration(self, metrics: dict[str, float], callback: Callback | None = None) -> bool:
+        """Book an iteration: counts, non-finite checks, evaluation, curves, the callback.
+        Returns False when the callback asks to stop."""
+        for key in ("reward_mean", "loss", "grad_norm"):
+            value = metrics.get(key)
+            if value is not None and not math.isfinite(float(value)):
+                raise self.nonfinite_error(f"the iteration's {key} is {value}")
+        self.iteration += 1
+        self.samples_trained += self.samples_per_iteration
+        self.wall_s = time.perf_counter() - self._wall_start
+        lr = self.config.learning_rate_at(self.iteration - 1, max(self.total_iterations, self.iteration))
+        info: dict[str, Any] = {
+            "iteration": self.iteration,
+            "samples": self.samples_trained,
+            "wall_s": self.wall_s,
+            "lr": lr,
+            **{k: float(v) for k, v in metrics.items()},
+        }
+        self.curves.append(dict(info))
+        every = self.iteration % self.config.eval_every == 0 or self.iteration == self.total_iterations
+        if self.config.eval_cases and every:
+            info["eval"] = self._record_eval()
+        if callback is not None and callback(self, info) is False:
+            return False
+        return True
+
+    def _record_eval(self) -> dict[str, Any] | None:
+        """Evaluate the eval cases (main process only) into :attr:`eval_history`."""
+        if not self.is_main_process:
+            return None
+        summary = self.evaluate().summary()
+        self.eval_history.append(
+            {"iteration": self.iteration, "samples": self.samples_trained, "wall_s": self.wall_s, **summary}
+        )
+        return summary
+
+    def evaluate(self, cases: Sequence[Case] | None = None, seeds: Sequence[int] | None = None) -> Any:
+        """:func:`dosegym.agents.evaluate.evaluate` of this agent on ``cases`` (default the eval cases)."""
+        from dosegym.agents.evaluate import evaluate
+
+        kw = {} if seeds is None else {"seeds": tuple(seeds)}
+        return evaluate(self, list(self.eval_cases() if cases is None else cases), **kw)
+
+    # -- the contract -------------------------------------------------------------------
     def predict(self, case: Case, seed: int = 0) -> np.ndarray:
         """The dose of ``case`` in Gy on its grid, ``(Z, Y, X)`` ``float32`` (like ``DosePolicy.predict``)."""
         c = self.config
@@ -226,12 +370,19 @@ class Agent:
             case, steps=c.sample_num_steps, sampler=self.policy.sampler, seed=seed, eta=c.predict_eta
         )
 
-    def save(self, folder: str | Path) -> Path:
-        """Write the agent atomically into ``folder`` (see the module docstring)."""
+    def save(self, folder: str | Path, training_state: bool = False) -> Path:
+        """Write the agent atomically into ``folder`` (see the module docstring); with
+        ``training_state``, also what :meth:`load` ``resume=True`` needs. Only the main
+        process writes (the others return at once)."""
         dest = Path(folder)
+        if not self.is_main_process:
+            return dest
         with atomic_folder(dest, WRITER) as tmp:
             (tmp / CONFIG_FILE).write_text(self.config.to_yaml(), encoding="utf-8")
             files = lora.save_trainable(tmp, self.policy.model, self.trains) if self.learns else []
+            if training_state:
+                torch.save(self.training_state(), tmp / TRAINING_STATE_FILE)
+                files.append(TRAINING_STATE_FILE)
             doc = {
                 "format_version": FORMAT_VERSION,
                 "agent": self.name,
@@ -239,17 +390,67 @@ class Agent:
                 "base_checkpoint": self.base_checkpoint,
                 "base_fingerprint": self.base_fingerprint,
                 "samples_trained": int(self.samples_trained),
+                "iteration": int(self.iteration),
                 "trains": self.trains,
                 "files": [CONFIG_FILE, *files],
             }
             (tmp / AGENT_FILE).write_text(json_text(doc), encoding="utf-8")
+        self.last_checkpoint = str(dest)
         return dest
 
+    def training_state(self) -> dict[str, Any]:
+        """What a resumed run needs (see the module docstring), as plain tensors and lists."""
+        np_state = np.random.get_state()  # noqa: NPY002 (user code's; the library draws from neither global RNG)
+        return {
+            "format_version": TRAINING_STATE_VERSION,
+            "iteration": int(self.iteration),
+            "samples_trained": int(self.samples_trained),
+            "wall_s": float(self.wall_s),
+            "curves": self.curves,
+            "eval_history": self.eval_history,
+            "optim": None if self.optim is None else self.optim.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "numpy_rng": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+            "agent_state": self.agent_state(),
+        }
+
+    def agent_state(self) -> dict[str, Any]:
+        """Hook of subclasses: their own training state (plain tensors, lists, numbers)."""
+        return {}
+
+    def load_agent_state(self, state: dict[str, Any]) -> None:
+        """Hook of subclasses: restore :meth:`agent_state`."""
+
+    def _apply_training_state(self, folder: Path) -> None:
+        path = folder / TRAINING_STATE_FILE
+        if not path.is_file():
+            raise AgentError(
+                f"{folder}: no {TRAINING_STATE_FILE} to resume from; the agent was saved without "
+                "training_state=True (save(folder, training_state=True) writes it)"
+            )
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch raises many kinds for a damaged file
+            raise AgentError(f"{path}: unreadable ({exc})") from exc
+        if not isinstance(state, dict) or state.get("format_version") != TRAINING_STATE_VERSION:
+            raise AgentError(f"{path}: not a training state of format_version {TRAINING_STATE_VERSION}")
+        self.iteration, self.samples_trained = int(state["iteration"]), int(state["samples_trained"])
+        self.wall_s = float(state["wall_s"])
+        self.curves, self.eval_history = list(state["curves"]), list(state["eval_history"])
+        torch.set_rng_state(state["torch_rng"])
+        kind, key, *rest = state["numpy_rng"]
+        np.random.set_state((kind, key.numpy().astype(np.uint32), *rest))  # noqa: NPY002
+        self.load_agent_state(state["agent_state"])
+        self._resume = {"optim": state["optim"]}
+
     @classmethod
-    def load(cls, folder: str | Path, env: Any = None, policy: DosePolicy | None = None) -> Agent:
+    def load(
+        cls, folder: str | Path, env: Any = None, policy: DosePolicy | None = None, resume: bool = False
+    ) -> Agent:
         """An agent saved by :meth:`save`, on top of its base checkpoint (``policy`` given: that
-        policy, checked by fingerprint). Call it on the agent's class;
-        :func:`dosegym.agents.load` picks the class from the folder."""
+        policy, checked by fingerprint). ``resume``: restore the training state too, so that
+        the next :meth:`learn` continues exactly (the env must be made as before). Call it on
+        the agent's class; :func:`dosegym.agents.load` picks the class from the folder."""
         folder = Path(folder)
         doc = read_agent_file(folder)
         if not cls.name:
@@ -277,12 +478,17 @@ class Agent:
         agent.config, agent.env = config, env
         agent.base_checkpoint = base
         agent.base_policy, agent.base_fingerprint = policy, doc["base_fingerprint"]
-        agent.samples_trained = int(doc.get("samples_trained", 0))
         agent.policy, agent.trains = policy, {"train": "nothing"}
         if cls.learns:
             agent.policy, agent.trains = lora.load_trainable(folder, policy)
             agent.trains["trainable_parameters"] = sum(p.numel() for p in agent.parameters())
+        agent._init_training()
+        agent.samples_trained = int(doc.get("samples_trained", 0))
+        agent.iteration = int(doc.get("iteration", 0))
         agent._after_load()
+        if resume:
+            agent._apply_training_state(folder)
+        agent.last_checkpoint = str(folder)
         return agent
 
     def _after_load(self) -> None:

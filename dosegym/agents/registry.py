@@ -22,6 +22,7 @@ from dosegym.errors import AgentError
 #: Agent name -> the module that registers it (one line per agent).
 AGENTS: dict[str, str] = {
     "best_of_n": "dosegym.agents.best_of_n:BestOfN",
+    "ddpo": "dosegym.agents.ddpo:DDPO",
 }
 
 _CLASSES: dict[str, Any] = {}

@@ -302,8 +302,18 @@ def align(
             if "eval" in info and a.learns:
                 a.save(ckpt, training_state=True)
 
-        if learner.samples_trained < samples:
-            learner.learn(samples, callback=callback)
+        remaining = samples - int(learner.samples_trained)  # learn() trains that many more
+        if (
+            learner.learns
+            and remaining >= learner.samples_per_iteration
+            or not learner.learns
+            and remaining > 0
+        ):
+            if before is not None and not learner.eval_history:  # the "before" evaluation, once
+                learner.eval_history.append(
+                    {"iteration": 0, "samples": 0, "wall_s": 0.0, **before["summary"]}
+                )
+            learner.learn(remaining, callback=callback)
         if not main:
             return
         if learner.learns:

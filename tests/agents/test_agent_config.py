@@ -97,7 +97,7 @@ def test_missing_yaml_file_is_named(tmp_path):
 
 
 def test_result_json_is_versioned(tmp_path, tiny_policy):
-    from dosegym.agents.base import RESULT_SCHEMA_VERSION, write_result
+    from dosegym.agents.result import RESULT_SCHEMA_VERSION, write_result
 
     agent = agents.get("best_of_n")(None, tiny_policy, {"n": 2, "seed": 3})
     agent.learn(4)

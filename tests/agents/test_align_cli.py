@@ -12,8 +12,6 @@ resume=True)`` keep the optimizer, iteration, curves and wall time. (Hand-writte
 from __future__ import annotations
 
 import json
-import math
-import time
 from pathlib import Path
 
 import numpy as np
@@ -24,10 +22,8 @@ from typer.testing import CliRunner
 
 from dosegym import agents
 from dosegym.agents.base import Agent
-from dosegym.agents.evaluate import evaluate
 from dosegym.agents.result import read_result
 from dosegym.cli.main import app
-from dosegym.data.atomic import atomic_path
 
 STATE = "training_state.pt"
 
@@ -36,87 +32,26 @@ STATE = "training_state.pt"
 class Plumbing(Agent):
     """See the module docstring."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._fresh()
-
-    def _after_load(self) -> None:
-        self._fresh()
-
-    def _fresh(self) -> None:
-        self.iteration, self.curves, self.eval_history, self.wall_s = 0, [], [], 0.0
-        self.optimizer = torch.optim.Adam(self.parameters(), lr=self.config.learning_rate)
-
-    def rollout(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def train_iteration(self) -> dict[str, float]:
         env = self.env
-        seed = int(np.random.SeedSequence([self.config.seed, self.iteration]).generate_state(1)[0])
-        obs, _ = env.reset(seed=seed)
+        obs, _ = env.reset(seed=self.rollout_seed(0))
         for _ in range(self.config.sample_num_steps):
             mean, std = env.policy_step(obs)
-            obs, reward, _, _, info = env.step(mean + std * env.sample_noise())
-        return reward, info["score_normalised"], info["reference_mae_gy"]
-
-    def learn(self, total_samples, callback=None):
-        n = self.check_budget(total_samples)
-        start = time.perf_counter() - self.wall_s
-        while self.iteration < n:
-            rewards, scores, maes = self.rollout()
-            params = self.parameters()
-            self.optimizer.zero_grad()
-            loss = (1.0 - float(rewards.mean())) * sum((p**2).sum() for p in params)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, math.inf)
-            self.optimizer.step()
-            self.iteration += 1
-            self.samples_trained += self.samples_per_iteration
-            self.wall_s = time.perf_counter() - start
-            info = {
-                "iteration": self.iteration,
-                "samples": self.samples_trained,
-                "wall_s": self.wall_s,
-                "lr": self.config.learning_rate,
-                "reward_mean": float(rewards.mean()),
-                "reward_std": float(rewards.std()),
-                "score_mean": float(scores.mean()),
-                "kl_mean": float("nan"),
-                "mae_gy": float(maes.mean()),
-                "loss": float(loss.detach()),
-                "grad_norm": float(grad_norm),
-                "tied_fraction": float(np.ptp(rewards) == 0),
-            }
-            self.curves.append(dict(info))
-            if self.iteration % self.config.eval_every == 0 or self.iteration == n:
-                summary = evaluate(self, self.eval_cases()).summary()
-                where = {"iteration": self.iteration, "samples": self.samples_trained}
-                self.eval_history.append({**where, **summary})
-                info["eval"] = summary
-            if callback is not None and callback(self, info) is False:
-                break
-        return self
-
-    def save(self, folder, training_state=False):
-        dest = super().save(folder)
-        if training_state:
-            state = {
-                "optimizer": self.optimizer.state_dict(),
-                "iteration": self.iteration,
-                "curves": self.curves,
-                "eval_history": self.eval_history,
-                "wall_s": self.wall_s,
-            }
-            with atomic_path(dest / STATE) as tmp:
-                torch.save(state, tmp)
-        return dest
-
-    @classmethod
-    def load(cls, folder, env=None, policy=None, resume=False):
-        agent = super().load(folder, env=env, policy=policy)
-        if resume:
-            state = torch.load(Path(folder) / STATE, weights_only=False)
-            agent.optimizer.load_state_dict(state["optimizer"])
-            agent.iteration, agent.wall_s = state["iteration"], state["wall_s"]
-            agent.curves, agent.eval_history = state["curves"], state["eval_history"]
-        return agent
+            obs, rewards, _, _, infos = env.step(mean + std * env.sample_noise())
+        params = self.parameters()
+        loss = (1.0 - float(rewards.mean())) * sum((p**2).sum() for p in params)
+        self.optim.set_iteration(self.iteration, self.total_iterations)
+        grad_norm = self.optim.backward(loss, f"iteration {self.iteration + 1}")
+        return {
+            "reward_mean": float(rewards.mean()),
+            "reward_std": float(rewards.std()),
+            "score_mean": float(np.mean(infos["score_normalised"])),
+            "kl_mean": float("nan"),
+            "mae_gy": float(np.mean(infos["reference_mae_gy"])),
+            "loss": float(loss.detach()),
+            "grad_norm": float(grad_norm),
+            "tied_fraction": float(np.ptp(rewards) == 0),
+        }
 
 
 runner = CliRunner()
@@ -162,7 +97,8 @@ def test_a_learner_run_writes_a_valid_result_tensorboard_and_checkpoint(tiny_che
     assert doc["agent"] == "plumbing" and doc["samples_trained"] == 4 and doc["iterations"] == 2
     assert doc["config"]["sample_num_steps"] == 2 and doc["config"]["eval_cases"] == ["phantoms:headneck/28"]
     assert doc["train_cases"] == ["phantoms:headneck/0"] and doc["base_checkpoint"] == str(tiny_checkpoint)
-    assert [c["samples"] for c in doc["curves"]] == [2, 4] and len(doc["eval_history"]) == 2
+    assert [c["samples"] for c in doc["curves"]] == [2, 4]
+    assert [e["samples"] for e in doc["eval_history"]] == [0, 2, 4]  # before, then every iteration
     assert doc["before"]["summary"]["diversity_gy"] > 0
     assert doc["after"]["cases"][0]["case_id"] == "headneck_028"
     assert (out / "checkpoint" / STATE).is_file() and (out / "run.json").is_file()
