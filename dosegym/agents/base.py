@@ -88,6 +88,8 @@ class Agent:
     Config: ClassVar[type[AgentConfig]] = AgentConfig
     #: False for an agent that trains nothing (Best-of-N): no trainable copy, nothing saved.
     learns: ClassVar[bool] = True
+    #: False for a learner that is not the denoiser (SB3 on GuidedDose): no trainable copy, no adapters.
+    trains_denoiser: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -128,7 +130,10 @@ class Agent:
         self.samples_trained = 0
         self.trains: dict[str, Any] = {"train": "nothing"}
         self.policy = policy
-        if self.learns:
+        self.iteration = 0
+        self.curves: list[dict[str, Any]] = []
+        self.eval_history: list[dict[str, Any]] = []
+        if self.learns and self.trains_denoiser:
             c = self.config
             self.policy, self.trains = lora.trainable_policy(
                 policy, c.train, c.lora_rank, c.lora_alpha, c.lora_targets
@@ -141,7 +146,7 @@ class Agent:
 
     def parameters(self) -> list[torch.nn.Parameter]:
         """The parameters that train (the LoRA adapters, or every weight; none for Best-of-N)."""
-        return lora.trainable_parameters(self.policy.model) if self.learns else []
+        return lora.trainable_parameters(self.policy.model) if self.learns and self.trains_denoiser else []
 
     # -- checks -------------------------------------------------------------------------
     @property
@@ -222,12 +227,15 @@ class Agent:
             case, steps=c.sample_num_steps, sampler=self.policy.sampler, seed=seed, eta=c.predict_eta
         )
 
-    def save(self, folder: str | Path) -> Path:
-        """Write the agent atomically into ``folder`` (see the module docstring)."""
+    def save(self, folder: str | Path, training_state: bool = False) -> Path:
+        """Write the agent atomically into ``folder`` (see the module docstring); with
+        ``training_state`` also what :meth:`load` with ``resume=True`` needs to continue."""
         dest = Path(folder)
         with atomic_folder(dest, WRITER) as tmp:
             (tmp / CONFIG_FILE).write_text(self.config.to_yaml(), encoding="utf-8")
-            files = lora.save_trainable(tmp, self.policy.model, self.trains) if self.learns else []
+            denoiser = self.learns and self.trains_denoiser
+            files = lora.save_trainable(tmp, self.policy.model, self.trains) if denoiser else []
+            files += self._save_extra(tmp, training_state)
             doc = {
                 "format_version": FORMAT_VERSION,
                 "agent": self.name,
@@ -242,7 +250,9 @@ class Agent:
         return dest
 
     @classmethod
-    def load(cls, folder: str | Path, env: Any = None, policy: DosePolicy | None = None) -> Agent:
+    def load(
+        cls, folder: str | Path, env: Any = None, policy: DosePolicy | None = None, resume: bool = False
+    ) -> Agent:
         """An agent saved by :meth:`save`, on top of its base checkpoint (``policy`` given: that
         policy, checked by fingerprint). Call it on the agent's class;
         :func:`dosegym.agents.load` picks the class from the folder."""
@@ -275,14 +285,35 @@ class Agent:
         agent.base_policy, agent.base_fingerprint = policy, doc["base_fingerprint"]
         agent.samples_trained = int(doc.get("samples_trained", 0))
         agent.policy, agent.trains = policy, {"train": "nothing"}
-        if cls.learns:
+        agent.iteration, agent.curves, agent.eval_history = 0, [], []
+        if cls.learns and cls.trains_denoiser:
             agent.policy, agent.trains = lora.load_trainable(folder, policy)
             agent.trains["trainable_parameters"] = sum(p.numel() for p in agent.parameters())
-        agent._after_load()
+        agent._after_load(folder, resume)
         return agent
 
-    def _after_load(self) -> None:
-        """Hook of subclasses: rebuild their own state after :meth:`load`."""
+    def _save_extra(self, folder: Path, training_state: bool) -> list[str]:
+        """Hook of subclasses: write their own files into ``folder`` (the temporary folder of
+        :meth:`save`'s atomic write); their names."""
+        return []
+
+    def _after_load(self, folder: Path, resume: bool) -> None:
+        """Hook of subclasses: rebuild their own state after :meth:`load` from ``folder``."""
+
+    def _after_iteration(self, metrics: dict[str, float], callback: Callback | None = None) -> bool:
+        """(Provisional: the shared learning loop replaces it.) Count the iteration, refuse a
+        non-finite reward, loss or gradient norm, record the curve, call ``callback``; False: stop."""
+        self.iteration += 1
+        self.samples_trained += self.samples_per_iteration
+        bad = [k for k in ("reward_mean", "loss", "grad_norm") if k in metrics and not np.isfinite(metrics[k])]
+        if bad:
+            raise AgentError(
+                f"iteration {self.iteration}: {bad} not finite ({ {k: metrics[k] for k in bad} }); "
+                "the last good checkpoint is the last one saved"
+            )
+        info = {"iteration": self.iteration, "samples": self.samples_trained, **metrics}
+        self.curves.append(info)
+        return not (callback is not None and callback(self, info) is False)
 
     def result(self, **fields: Any) -> dict[str, Any]:
         """The ``result.json`` document of this agent (see :func:`write_result`)."""

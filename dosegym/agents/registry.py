@@ -22,6 +22,9 @@ from dosegym.errors import AgentError
 #: Agent name -> the module that registers it (one line per agent).
 AGENTS: dict[str, str] = {
     "best_of_n": "dosegym.agents.best_of_n:BestOfN",
+    "ppo": "dosegym.agents.ppo:PPO",
+    "ppo_guided": "dosegym.agents.sb3_guided:PPOGuided",
+    "sac_guided": "dosegym.agents.sb3_guided:SACGuided",
 }
 
 _CLASSES: dict[str, Any] = {}
