@@ -42,7 +42,6 @@ the value head (``value_head.safetensors``); with ``training_state=True`` also
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 from typing import Any, ClassVar
@@ -52,18 +51,9 @@ import torch
 from gymnasium import spaces
 from pydantic import Field
 
-from dosegym.agents.base import Agent, Callback
 from dosegym.agents.config import AgentConfig
-from dosegym.agents.sb3_env import (
-    ACTION_NOISE,
-    EPISODES,
-    MINIBATCHES,
-    CoreVecEnv,
-    EpisodeResult,
-    rollout_core,
-    rollout_seed,
-    scoped_seed,
-)
+from dosegym.agents.sb3_agent import SB3Agent
+from dosegym.agents.sb3_env import ACTION_NOISE, MODEL_INIT, rollout_core, rollout_seed, scoped_seed
 from dosegym.agents.sb3_policy import DenoiserPolicy
 from dosegym.envs.core import DoseCore
 from dosegym.errors import AgentError
@@ -127,7 +117,7 @@ def rollout_buffer_bytes(
     return int(transitions) * (per + largest) + int(batch_size) * per
 
 
-class PPO(Agent):
+class PPO(SB3Agent):
     """See the module docstring."""
 
     name = "ppo"
@@ -137,34 +127,13 @@ class PPO(Agent):
 
     def __init__(self, env: Any = None, policy: Any = None, config: Any = None, **kw: Any) -> None:
         super().__init__(env, policy, config, **kw)
-        self._reset_training()
         if env is not None:
             self.check_memory()
 
     def _reset_training(self) -> None:
-        self.model: Any = None  # SB3's PPO, built by setup_training
-        self.vec_env: CoreVecEnv | None = None
-        self.total_iterations = 0
+        super()._reset_training()
         self._value_state: dict[str, torch.Tensor] | None = None
         self._sb3_state: dict[str, Any] | None = None
-        self._grad_norms: list[float] = []
-
-    # -- sizes ----------------------------------------------------------------------------
-    def num_envs(self) -> int:
-        """Episodes the env steps at once."""
-        return int(getattr(self.env, "num_envs", 1))
-
-    def n_steps(self) -> int:
-        """SB3's ``n_steps``: env steps per env per rollout (whole episodes)."""
-        c = self.config
-        n = self.samples_per_iteration // self.num_envs() * c.sample_num_steps
-        if c.n_steps is not None and c.n_steps != n:
-            raise AgentError(
-                f"n_steps {c.n_steps} does not make whole episodes of samples_per_iteration "
-                f"{self.samples_per_iteration} on {self.num_envs()} envs with sample_num_steps "
-                f"{c.sample_num_steps}: valid: n_steps={n} or None"
-            )
-        return n
 
     def check_memory(self, core: DoseCore | None = None) -> int:
         """The rollout buffer's bytes; ``AgentError`` saying how many, before anything is
@@ -184,11 +153,9 @@ class PPO(Agent):
             )
         return need
 
-    # -- training -------------------------------------------------------------------------
     def setup_training(self, iterations: int) -> None:
         """Build SB3's PPO on the rollout env once (restoring a loaded value head and, when
-        resumed, the optimizer state); ``iterations`` more iterations set the LR schedule."""
-        self.total_iterations = self.iteration + int(iterations)
+        resumed, the optimizer state and SB3's counters)."""
         if self.model is not None:
             return
         from stable_baselines3 import PPO as SB3PPO
@@ -198,20 +165,20 @@ class PPO(Agent):
         c = self.config
         core = rollout_core(self.env, pretrained_log_prob=False, obs_backend="torch", steps=c.sample_num_steps)
         self.check_memory(core)
-        self.vec_env = CoreVecEnv(core, self._episode_seeds)
+        vec_env = self.make_vec_env(core)
         if c.reward.w_kl > 0:
-            self.vec_env.before_step = self._tell_gaussian
+            vec_env.before_step = self._tell_gaussian
         policy_kwargs = {
             "dose_policy": self.policy,
             "steps": c.sample_num_steps,
             "eta": c.sample_eta,
             "value_channels": c.value_channels,
         }
-        with scoped_seed(rollout_seed(c.seed, 0, 0, ACTION_NOISE)):  # the value head's initial weights
+        with scoped_seed(rollout_seed(c.seed, 0, 0, MODEL_INIT)):  # the value head's initial weights
             self.model = SB3PPO(
                 DenoiserPolicy,
-                self.vec_env,
-                learning_rate=self._learning_rate,
+                vec_env,
+                learning_rate=self.schedule,
                 n_steps=self.n_steps(),
                 batch_size=c.batch_size,
                 n_epochs=c.n_epochs,
@@ -233,67 +200,17 @@ class PPO(Agent):
             sb3_policy.optimizer.load_state_dict(self._sb3_state["optimizer"])
             self.model.num_timesteps = int(self._sb3_state["num_timesteps"])
             self.model._n_updates = int(self._sb3_state["n_updates"])
-        sb3_policy.optimizer.register_step_pre_hook(self._record_grad_norm)
+        self.record_grad_norms(sb3_policy.optimizer)
 
-    def _learning_rate(self, _progress_remaining: float) -> float:
-        """SB3's learning-rate schedule: the config's schedule at the current iteration."""
-        return self.config.learning_rate_at(self.iteration, max(1, self.total_iterations))
-
-    def _episode_seeds(self, round_: int) -> list[int]:
-        b = self.num_envs()
-        per_iteration = self.samples_per_iteration // b
-        iteration, j = divmod(round_, per_iteration)
-        return [rollout_seed(self.config.seed, iteration, j * b + i, EPISODES) for i in range(b)]
+    def before_iteration(self) -> None:
+        """Reseed the policy's action noise from ``(seed, iteration)``."""
+        seed = rollout_seed(self.config.seed, self.iteration, 1, ACTION_NOISE)  # index 0: scoped_seed
+        self.model.policy.noise_generator.manual_seed(seed)
 
     def _tell_gaussian(self, core: DoseCore) -> None:
         """Before a step: the policy's Gaussian of the actions it just chose, for the env's KL."""
         mean, std = self.model.policy.last_gaussian
         core.set_agent_gaussian(mean, std)
-
-    def _record_grad_norm(self, optimizer: torch.optim.Optimizer, *_: Any) -> None:
-        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
-        self._grad_norms.append(float(norm))
-
-    def learn(self, total_samples: int, callback: Callback | None = None) -> PPO:
-        """``total_samples // samples_per_iteration`` iterations: one SB3 rollout and update each."""
-        n = self.check_budget(total_samples)
-        self.setup_training(n)
-        assert self.vec_env is not None
-        c = self.config
-        for _ in range(n):
-            self.vec_env.round = self.iteration * (self.samples_per_iteration // self.num_envs())
-            self.model.policy.noise_generator.manual_seed(rollout_seed(c.seed, self.iteration, 0, ACTION_NOISE))
-            self._grad_norms = []
-            with scoped_seed(rollout_seed(c.seed, self.iteration, 0, MINIBATCHES)):
-                self.model.learn(self.samples_per_iteration * c.sample_num_steps, reset_num_timesteps=False)
-            if not self._after_iteration(self._metrics(self.vec_env.take_episodes()), callback):
-                break
-        return self
-
-    def _metrics(self, episodes: list[EpisodeResult]) -> dict[str, float]:
-        """The iteration's metrics (see the shared contract) from its episodes and SB3's logger."""
-        logged = self.model.logger.name_to_value
-        rewards = np.array([e.reward for e in episodes])
-
-        def mean(values: list[float]) -> float:
-            finite = [v for v in values if not math.isnan(v)]
-            return float(np.mean(finite)) if finite else math.nan
-
-        return {
-            "lr": float(logged.get("train/learning_rate", math.nan)),
-            "reward_mean": float(rewards.mean()),
-            "reward_std": float(rewards.std()),
-            "score_mean": mean([e.score for e in episodes]),
-            "kl_mean": mean([e.kl for e in episodes]),
-            "mae_gy": mean([e.mae_gy for e in episodes]),
-            "loss": float(logged.get("train/loss", math.nan)),
-            "grad_norm": max(self._grad_norms) if self._grad_norms else math.nan,
-            "tied_fraction": float(np.ptp(rewards) == 0),
-            "approx_kl": float(logged.get("train/approx_kl", math.nan)),
-            "clip_fraction": float(logged.get("train/clip_fraction", math.nan)),
-            "value_loss": float(logged.get("train/value_loss", math.nan)),
-        }
 
     # -- saving ---------------------------------------------------------------------------
     def value_head_state(self) -> dict[str, torch.Tensor] | None:

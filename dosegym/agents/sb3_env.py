@@ -42,8 +42,9 @@ from stable_baselines3.common.vec_env import VecEnv
 from dosegym.envs.core import DoseCore
 from dosegym.errors import AgentError
 
-#: Streams of :func:`rollout_seed`: episodes (case and sampler seed), action noise, minibatch order.
-EPISODES, ACTION_NOISE, MINIBATCHES = 0, 1, 2
+#: Streams of :func:`rollout_seed`: episodes (case and sampler seed), action noise and SB3's
+#: global draws of an iteration, initial weights of what SB3 builds.
+EPISODES, ACTION_NOISE, MODEL_INIT = 0, 1, 2
 
 
 def rollout_seed(seed: int, iteration: int, index: int, stream: int = EPISODES) -> int:
