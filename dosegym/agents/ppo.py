@@ -8,7 +8,8 @@
 **What runs.** SB3's ``PPO`` with :class:`~dosegym.agents.sb3_policy.DenoiserPolicy` (actor:
 the trainable denoiser's step Gaussian, log-probs averaged over elements; critic: a tiny 3-D
 CNN value head) on :class:`~dosegym.agents.sb3_env.CoreVecEnv` over a twin of the env's core
-with ``pretrained_log_prob=False``, the torch backend and ``sample_num_steps`` steps, so that
+with ``pretrained_log_prob=False``, the torch backend, ``sample_num_steps`` steps and the
+config's reward, so that
 a rollout with ``w_kl = 0`` costs one forward of the trainable model per step. With
 ``reward.w_kl > 0`` the agent tells the env its Gaussian before every step (the env then
 runs the frozen model for the KL).
@@ -163,9 +164,15 @@ class PPO(SB3Agent):
         if self.env is None:
             raise AgentError("PPO.learn needs an env: give the agent a DenoiseDose env (env=...)")
         c = self.config
-        core = rollout_core(self.env, pretrained_log_prob=False, obs_backend="torch", steps=c.sample_num_steps)
+        core = rollout_core(
+            self.env,
+            pretrained_log_prob=False,
+            obs_backend="torch",
+            steps=c.sample_num_steps,
+            reward=c.reward_config(),
+        )
         self.check_memory(core)
-        vec_env = self.make_vec_env(core)
+        vec_env = self.make_vec_env(core, model_conditions=True)
         if c.reward.w_kl > 0:
             vec_env.before_step = self._tell_gaussian
         policy_kwargs = {

@@ -79,9 +79,9 @@ class SB3Agent(Agent):
             )
         return n
 
-    def make_vec_env(self, core: Any) -> CoreVecEnv:
+    def make_vec_env(self, core: Any, model_conditions: bool = False) -> CoreVecEnv:
         """The SB3 env over ``core``, episodes seeded from ``(seed, iteration, index)``."""
-        self.vec_env = CoreVecEnv(core, self._episode_seeds)
+        self.vec_env = CoreVecEnv(core, self._episode_seeds, model_conditions)
         return self.vec_env
 
     def _episode_seeds(self, round_: int) -> list[int]:

@@ -17,6 +17,10 @@ forward per step) to it:
   set :attr:`CoreVecEnv.round` and the next reset is the one the uninterrupted run made;
 - :func:`scoped_seed` seeds SB3's global draws (stock policies' action noise, minibatch
   order, replay sampling) for one call and restores the generators after;
+- ``model_conditions``: the ``cond_<slot>`` entries are the chain's own batched condition
+  tensors rather than the observation's copies clamped to the Box bounds (the beam plate
+  exceeds 1 slightly on the phantoms), so that a policy that rebuilds the model input from
+  observations gives the model exactly the env's input (SB3 does not check bounds);
 - ``before_step(core)``, when set, runs before every step (an agent tells the env its step
   Gaussian there, for the KL term).
 
@@ -99,8 +103,11 @@ def numpy_obs(obs: dict[str, Any]) -> dict[str, np.ndarray]:
 class CoreVecEnv(VecEnv):
     """SB3 ``VecEnv`` over a dosegym core (see the module docstring)."""
 
-    def __init__(self, core: DoseCore, episode_seeds: Callable[[int], list[int]]) -> None:
+    def __init__(
+        self, core: DoseCore, episode_seeds: Callable[[int], list[int]], model_conditions: bool = False
+    ) -> None:
         self.core = core
+        self.model_conditions = bool(model_conditions)
         self.episode_seeds = episode_seeds
         self.round = 0
         self.before_step: Callable[[DoseCore], None] | None = None
@@ -118,6 +125,16 @@ class CoreVecEnv(VecEnv):
         self.reset_infos = infos
         self._returns[:] = 0.0
         self._kls = [[] for _ in range(self.num_envs)]
+        return self._observe(obs)
+
+    def _observe(self, obs: dict[str, Any]) -> dict[str, np.ndarray]:
+        """The observation as numpy; with ``model_conditions`` its ``cond_<slot>`` entries
+        are the chain's own condition tensors (the env clamps them to the Box bounds)."""
+        if self.model_conditions:
+            cond = self.core.chain.cond
+            for slot, role in cond.roles.items():
+                if role == "condition" and f"cond_{slot}" in obs:
+                    obs[f"cond_{slot}"] = cond.tensors[slot]
         return numpy_obs(obs)
 
     def step_async(self, actions: np.ndarray) -> None:
@@ -131,7 +148,7 @@ class CoreVecEnv(VecEnv):
         for i, info in enumerate(infos):
             if "kl" in info:
                 self._kls[i].append(float(info["kl"]))
-        out = numpy_obs(obs)
+        out = self._observe(obs)
         if last:
             for i, info in enumerate(infos):
                 info["terminal_observation"] = {k: v[i] for k, v in out.items()}

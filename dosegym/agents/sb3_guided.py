@@ -16,7 +16,8 @@ flatten them and lose their layout, so :class:`GuidedFeatures` reshapes ``featur
 to ``(2C, pool, pool, pool)`` and applies one ``Conv3d`` (3³, padding 1, SiLU), flattened,
 joined with ``timestep`` and ``scores``; SB3's MLPs follow (actor and critic share it).
 
-**Episodes and seeds** as every SB3 agent (:mod:`dosegym.agents.sb3_agent`): one iteration
+**Rollouts** run on a twin of the env's core with ``sample_num_steps`` steps and the
+config's reward. **Episodes and seeds** as every SB3 agent (:mod:`dosegym.agents.sb3_agent`): one iteration
 is ``samples_per_iteration`` whole episodes; SB3's global draws (action noise, minibatch
 order, replay sampling) are seeded per iteration and scoped.
 
@@ -157,7 +158,7 @@ class SB3Guided(SB3Agent):
             return
         self._guided_core()
         self.n_steps()  # a config n_steps that does not make whole episodes is refused here
-        core = rollout_core(self.env, steps=self.config.sample_num_steps)
+        core = rollout_core(self.env, steps=self.config.sample_num_steps, reward=self.config.reward_config())
         vec_env = self.make_vec_env(core)
         if self.model is not None:
             self.model.set_env(vec_env)

@@ -17,9 +17,11 @@ under any parameters: it adds nothing to the policy loss.
 **Conditions from the observation.** SB3's training loop sees only minibatches of stored
 observations (shuffled across steps and envs), so the model input is rebuilt from each
 observation's ``cond_<slot>`` volumes and ``cond_present`` (slot ``i`` of the model spec's
-condition slots present -> role ``condition`` and available; else absent), which gives the
-model the same input as the env's own forward (checked in the tests). ``rx_max_gy`` is not
-observed and not needed: the forward never reads it.
+condition slots present -> role ``condition`` and available; else absent). The agent's
+:class:`~dosegym.agents.sb3_env.CoreVecEnv` puts the chain's own condition tensors in the
+observations (``model_conditions``; the env's copies are clamped to the Box bounds, and the
+beam plate exceeds 1 on the phantoms), so the model gets exactly the env's input (checked in
+the tests). ``rx_max_gy`` is not observed and not needed: the forward never reads it.
 
 **Critic.** :class:`ValueFeatures`, a tiny 3-D CNN over (x_t, condition volumes) pooled to a
 vector, joined with the timestep and ``cond_present``; SB3's MLP (``vf``: one hidden layer)
