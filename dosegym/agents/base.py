@@ -305,7 +305,9 @@ class Agent:
         non-finite reward, loss or gradient norm, record the curve, call ``callback``; False: stop."""
         self.iteration += 1
         self.samples_trained += self.samples_per_iteration
-        bad = [k for k in ("reward_mean", "loss", "grad_norm") if k in metrics and not np.isfinite(metrics[k])]
+        bad = [
+            k for k in ("reward_mean", "loss", "grad_norm") if k in metrics and not np.isfinite(metrics[k])
+        ]
         if bad:
             raise AgentError(
                 f"iteration {self.iteration}: {bad} not finite ({ {k: metrics[k] for k in bad} }); "

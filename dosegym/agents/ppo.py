@@ -69,7 +69,7 @@ class PPOConfig(AgentConfig):
     agent_name: ClassVar[str] = "ppo"
 
     n_steps: int | None = Field(None, ge=1)
-    """SB3's env steps per env per rollout; None: whole episodes (the only value allowed), samples_per_iteration / num_envs * sample_num_steps."""
+    """SB3's env steps per env per rollout: None or samples_per_iteration / num_envs * sample_num_steps."""
     batch_size: int = Field(8, ge=2)
     """Transitions per minibatch of the update (the update's memory grows with it)."""
     n_epochs: int = Field(1, ge=1)
@@ -147,8 +147,9 @@ class PPO(SB3Agent):
         have = available_memory_bytes()
         if need > have:
             raise AgentError(
-                f"PPO's rollout buffer would need {need} bytes ({need / 2**30:.2f} GiB: n_steps {n_steps} x "
-                f"{b} envs transitions on a {core.model_spec.shape} grid, batch_size {self.config.batch_size}) "
+                f"PPO's rollout buffer would need {need} bytes ({need / 2**30:.2f} GiB: n_steps {n_steps} "
+                f"x {b} envs transitions on a {core.model_spec.shape} grid, "
+                f"batch_size {self.config.batch_size}) "
                 f"but {have} bytes ({have / 2**30:.2f} GiB) are available; lower samples_per_iteration, "
                 "sample_num_steps or batch_size"
             )

@@ -25,7 +25,14 @@ import torch
 
 from dosegym.agents.base import Agent, Callback
 from dosegym.agents.config import AgentConfig
-from dosegym.agents.sb3_env import ACTION_NOISE, EPISODES, CoreVecEnv, EpisodeResult, rollout_seed, scoped_seed
+from dosegym.agents.sb3_env import (
+    ACTION_NOISE,
+    EPISODES,
+    CoreVecEnv,
+    EpisodeResult,
+    rollout_seed,
+    scoped_seed,
+)
 from dosegym.errors import AgentError
 
 
@@ -129,8 +136,11 @@ class SB3Agent(Agent):
     def metrics(self, episodes: list[EpisodeResult]) -> dict[str, float]:
         """The iteration's metrics (the shared contract's keys, plus SB3's ``train/*`` values
         under their short names) from its episodes and SB3's logger."""
-        logged = {k.removeprefix("train/"): float(v) for k, v in self.model.logger.name_to_value.items()
-                  if k.startswith("train/")}
+        logged = {
+            k.removeprefix("train/"): float(v)
+            for k, v in self.model.logger.name_to_value.items()
+            if k.startswith("train/")
+        }
         rewards = np.array([e.reward for e in episodes])
         out = {
             "lr": self.schedule(1.0),
@@ -142,7 +152,9 @@ class SB3Agent(Agent):
             "tied_fraction": float(np.ptp(rewards) == 0),
         }
         if self._grad_norms:
-            loss = logged.pop("loss", logged.get("actor_loss", math.nan) + logged.get("critic_loss", math.nan))
+            loss = logged.pop(
+                "loss", logged.get("actor_loss", math.nan) + logged.get("critic_loss", math.nan)
+            )
             out.update(loss=loss, grad_norm=max(self._grad_norms))
         logged.pop("learning_rate", None)
         return {**logged, **out}

@@ -61,14 +61,14 @@ def rollout_seed(seed: int, iteration: int, index: int, stream: int = EPISODES) 
 def scoped_seed(seed: int) -> Iterator[None]:
     """torch's CPU and numpy's global generators seeded with ``seed`` for the duration and
     restored after (SB3's stock policies and buffers draw from them; nothing leaks out)."""
-    np_state = np.random.get_state()
+    np_state = np.random.get_state()  # noqa: NPY002 (SB3 draws from numpy's legacy global generator)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        np.random.seed(seed % 2**32)
+        np.random.seed(seed % 2**32)  # noqa: NPY002
         try:
             yield
         finally:
-            np.random.set_state(np_state)
+            np.random.set_state(np_state)  # noqa: NPY002
 
 
 def rollout_core(env: Any, **changes: Any) -> DoseCore:
@@ -97,7 +97,9 @@ class EpisodeResult:
 
 def numpy_obs(obs: dict[str, Any]) -> dict[str, np.ndarray]:
     """An observation with every entry as a numpy array (a view of CPU tensors)."""
-    return {k: v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v) for k, v in obs.items()}
+    return {
+        k: v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v) for k, v in obs.items()
+    }
 
 
 class CoreVecEnv(VecEnv):
@@ -183,7 +185,9 @@ class CoreVecEnv(VecEnv):
     def set_attr(self, attr_name: str, value: Any, indices: Any = None) -> None:
         setattr(self.core, attr_name, value)
 
-    def env_method(self, method_name: str, *method_args: Any, indices: Any = None, **method_kwargs: Any) -> list[Any]:
+    def env_method(
+        self, method_name: str, *method_args: Any, indices: Any = None, **method_kwargs: Any
+    ) -> list[Any]:
         result = getattr(self.core, method_name)(*method_args, **method_kwargs)
         return [result] * len(self._get_indices(indices))
 

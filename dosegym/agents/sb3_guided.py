@@ -57,7 +57,9 @@ REPLAY_FILE = "replay_buffer.pkl"
 class GuidedFeatures(BaseFeaturesExtractor):
     """See the module docstring: ``(B, channels * pool**3 + 1 + n_items)`` features."""
 
-    def __init__(self, observation_space: spaces.Dict, pool: int, volume_channels: int, channels: int = 8) -> None:
+    def __init__(
+        self, observation_space: spaces.Dict, pool: int, volume_channels: int, channels: int = 8
+    ) -> None:
         n_features = int(np.prod(observation_space["features"].shape))
         if n_features != volume_channels * pool**3:
             raise AgentError(
@@ -80,7 +82,7 @@ class PPOGuidedConfig(AgentConfig):
     agent_name: ClassVar[str] = "ppo_guided"
 
     n_steps: int | None = Field(None, ge=1)
-    """SB3's env steps per env per rollout; None: whole episodes (the only value allowed), samples_per_iteration / num_envs * sample_num_steps."""
+    """SB3's env steps per env per rollout: None or samples_per_iteration / num_envs * sample_num_steps."""
     batch_size: int = Field(64, ge=2)
     """Transitions per minibatch of the update."""
     n_epochs: int = Field(10, ge=1)
@@ -261,7 +263,15 @@ class SACGuided(SB3Guided):
 
     def sb3_kwargs(self) -> dict[str, Any]:
         c = self.config
-        keys = ("buffer_size", "learning_starts", "batch_size", "tau", "gamma", "train_freq", "gradient_steps")
+        keys = (
+            "buffer_size",
+            "learning_starts",
+            "batch_size",
+            "tau",
+            "gamma",
+            "train_freq",
+            "gradient_steps",
+        )
         return {**{k: getattr(c, k) for k in keys}, "ent_coef": c.ent_coef}
 
     def optimizers(self) -> list[torch.optim.Optimizer]:

@@ -98,17 +98,26 @@ class ElementMeanGaussian(Distribution):
         assert self.mean is not None
         return self.mean
 
-    def actions_from_params(self, mean: torch.Tensor, std: torch.Tensor, deterministic: bool = False) -> torch.Tensor:
+    def actions_from_params(
+        self, mean: torch.Tensor, std: torch.Tensor, deterministic: bool = False
+    ) -> torch.Tensor:
         return self.proba_distribution(mean, std).get_actions(deterministic=deterministic)
 
-    def log_prob_from_params(self, mean: torch.Tensor, std: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def log_prob_from_params(
+        self, mean: torch.Tensor, std: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         actions = self.actions_from_params(mean, std)
         return actions, self.log_prob(actions)
 
 
 def volume_keys(observation_space: spaces.Dict) -> list[str]:
     """``x_t`` then the ``cond_<slot>`` volumes of a DenoiseDose observation space."""
-    return ["x_t", *sorted(k for k, s in observation_space.spaces.items() if k.startswith("cond_") and len(s.shape) == 4)]
+    return [
+        "x_t",
+        *sorted(
+            k for k, s in observation_space.spaces.items() if k.startswith("cond_") and len(s.shape) == 4
+        ),
+    ]
 
 
 class ValueFeatures(BaseFeaturesExtractor):
@@ -182,7 +191,11 @@ class DenoiserPolicy(ActorCriticPolicy):
         self._build_mlp_extractor()
         self.value_net = nn.Linear(self.mlp_extractor.latent_dim_vf, 1)
         if self.ortho_init:
-            for module, gain in ((self.features_extractor, np.sqrt(2)), (self.mlp_extractor, np.sqrt(2)), (self.value_net, 1.0)):
+            for module, gain in (
+                (self.features_extractor, np.sqrt(2)),
+                (self.mlp_extractor, np.sqrt(2)),
+                (self.value_net, 1.0),
+            ):
                 module.apply(partial(self.init_weights, gain=gain))
         trainable = [p for p in self.parameters() if p.requires_grad]
         self.optimizer = self.optimizer_class(trainable, lr=lr_schedule(1), **self.optimizer_kwargs)
@@ -190,7 +203,11 @@ class DenoiserPolicy(ActorCriticPolicy):
     def value_head(self) -> nn.ModuleDict:
         """The critic's modules (what trains besides the adapters)."""
         return nn.ModuleDict(
-            {"features_extractor": self.features_extractor, "mlp_extractor": self.mlp_extractor, "value_net": self.value_net}
+            {
+                "features_extractor": self.features_extractor,
+                "mlp_extractor": self.mlp_extractor,
+                "value_net": self.value_net,
+            }
         )
 
     # -- the actor ------------------------------------------------------------------------
@@ -232,7 +249,9 @@ class DenoiserPolicy(ActorCriticPolicy):
         return preprocess_obs(obs, self.observation_space, normalize_images=False)
 
     # -- SB3's entry points ---------------------------------------------------------------
-    def forward(self, obs: Any, deterministic: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(
+        self, obs: Any, deterministic: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Actions ``(B, C, Z, Y, X)``, values ``(B, 1)`` and log-probs ``(B,)`` (rollouts);
         the step Gaussian is kept in :attr:`last_gaussian` (for the env's KL)."""
         dist = self.get_distribution(obs)
@@ -240,7 +259,9 @@ class DenoiserPolicy(ActorCriticPolicy):
         self.last_gaussian = (dist.mean, dist.std)
         return actions, self.predict_values(obs), dist.log_prob(actions)
 
-    def evaluate_actions(self, obs: Any, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def evaluate_actions(
+        self, obs: Any, actions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Values ``(B, 1)``, log-probs ``(B,)`` (mean over elements) and entropies ``(B,)`` of
         stored actions (flat or shaped) under the current parameters (training)."""
         dist = self.get_distribution(obs)

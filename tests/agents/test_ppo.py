@@ -1,4 +1,4 @@
-"""PPO through SB3 on DenoiseDose: the custom policy's step, its value head, learn, save/load, resume, memory."""
+"""PPO through SB3 on DenoiseDose: the policy's step, its value head, learn, save/load, resume, memory."""
 
 from __future__ import annotations
 
@@ -74,7 +74,9 @@ def test_deterministic_step_has_log_prob_zero():
     dist = ElementMeanGaussian().proba_distribution(mean, torch.tensor([0.5, 0.0]).reshape(2, 1, 1, 1, 1))
     x = torch.ones(2, 8)
     lp = dist.log_prob(x)
-    assert lp[1] == 0 and torch.isclose(lp[0], gaussian_log_prob(x[:1].reshape(1, 1, 2, 2, 2), mean[:1], 0.5)[0])
+    assert lp[1] == 0 and torch.isclose(
+        lp[0], gaussian_log_prob(x[:1].reshape(1, 1, 2, 2, 2), mean[:1], 0.5)[0]
+    )
     assert dist.entropy()[1] == 0
 
 
@@ -167,12 +169,17 @@ def test_memory_formula_matches_sb3_buffer(env, tiny_policy):
     agent.setup_training(1)
     buf, core = agent.model.rollout_buffer, agent.vec_env.core
     held = sum(a.nbytes for a in buf.observations.values()) + buf.actions.nbytes
-    held += sum(getattr(buf, k).nbytes for k in ("rewards", "returns", "episode_starts", "values", "log_probs", "advantages"))
+    held += sum(
+        getattr(buf, k).nbytes
+        for k in ("rewards", "returns", "episode_starts", "values", "log_probs", "advantages")
+    )
     obs_space, act_space = core.single_observation_space, core.single_action_space
     transitions = agent.n_steps() * agent.num_envs()
     per = held // transitions
     largest = 4 * 8 * int(np.prod(obs_space["x_t"].shape))  # the 8 OAR channels
-    assert rollout_buffer_bytes(obs_space, act_space, transitions, 4) == held + transitions * largest + 4 * per
+    assert (
+        rollout_buffer_bytes(obs_space, act_space, transitions, 4) == held + transitions * largest + 4 * per
+    )
 
 
 def test_too_large_buffer_is_refused_before_allocation(env, tiny_policy):
