@@ -12,7 +12,11 @@ Modules: :mod:`~dosegym.agents.config` (``AgentConfig``, torch-free),
 :mod:`~dosegym.agents.registry` (``get``, ``register``, ``available``; torch-free; how to add
 an agent), :mod:`~dosegym.agents.base` (``Agent``, the checks, saving, ``result.json``),
 :mod:`~dosegym.agents.lora` (what trains: LoRA through peft, or full weights),
-:mod:`~dosegym.agents.best_of_n` (``BestOfN``). ``Agent`` and ``BestOfN`` import torch on
+:mod:`~dosegym.agents.best_of_n` (``BestOfN``), :mod:`~dosegym.agents.ppo` (``PPO``: SB3 PPO
+on DenoiseDose with :mod:`~dosegym.agents.sb3_policy`'s ``DenoiserPolicy``),
+:mod:`~dosegym.agents.sb3_guided` (``PPOGuided``, ``SACGuided``: stock SB3 on GuidedDose), and
+their SB3 glue :mod:`~dosegym.agents.sb3_env` (``CoreVecEnv``, seeds) and
+:mod:`~dosegym.agents.sb3_agent` (the shared loop). ``Agent`` and the agents import torch on
 first use.
 """
 

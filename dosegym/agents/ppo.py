@@ -33,7 +33,7 @@ transitions needs ``T b`` bytes, plus, while SB3 flattens it for the update, one
 its largest entry (``4 V max_slot_channels T``: the 8 OAR channels), plus one minibatch
 (``batch_size * b``): :func:`rollout_buffer_bytes`. At the default grid 48x64x64 (V = 196 608)
 b = 11.8 MB, so the defaults (8 samples x 20 steps = 160 transitions, batch 8) need about
-2.9 GB. A buffer that would not fit in the available memory (``/proc/meminfo``
+2.8 GiB. A buffer that would not fit in the available memory (``/proc/meminfo``
 MemAvailable) is refused before anything is allocated, with the bytes it needs.
 
 **Saved**: what trains, the LoRA adapters (base :meth:`~dosegym.agents.base.Agent.save`) and
