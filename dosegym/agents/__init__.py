@@ -13,12 +13,16 @@ Modules: :mod:`~dosegym.agents.config` (``AgentConfig``, torch-free),
 an agent), :mod:`~dosegym.agents.base` (``Agent``, the checks, saving, ``result.json``),
 :mod:`~dosegym.agents.lora` (what trains: LoRA through peft, or full weights),
 the agents (:mod:`~dosegym.agents.best_of_n` ``BestOfN``, :mod:`~dosegym.agents.ddpo`
-``DDPO``), :mod:`~dosegym.agents.evaluate` (``evaluate``, ``EvalResult``,
-``PolicyPredictor``), :mod:`~dosegym.agents.result` (the ``result.json`` schema:
-``write_result``, ``read_result``, ``validate_result``), and the training machinery:
-:mod:`~dosegym.agents.optim` (the accelerate optimizer step), :mod:`~dosegym.agents.rollout`
-(batched rollouts through the DenoiseDose vector env), :mod:`~dosegym.agents.stat_tracking`
-(per-case reward normalisation). The agents import torch on first use.
+``DDPO``, :mod:`~dosegym.agents.ppo` ``PPO``: SB3 PPO on DenoiseDose with
+:mod:`~dosegym.agents.sb3_policy`'s ``DenoiserPolicy``, :mod:`~dosegym.agents.sb3_guided`
+``PPOGuided``, ``SACGuided``: stock SB3 on GuidedDose), :mod:`~dosegym.agents.evaluate`
+(``evaluate``, ``EvalResult``, ``PolicyPredictor``), :mod:`~dosegym.agents.result` (the
+``result.json`` schema: ``write_result``, ``read_result``, ``validate_result``), and the
+training machinery: :mod:`~dosegym.agents.optim` (the accelerate optimizer step),
+:mod:`~dosegym.agents.rollout` (batched rollouts through the DenoiseDose vector env),
+:mod:`~dosegym.agents.stat_tracking` (per-case reward normalisation), the SB3 glue
+:mod:`~dosegym.agents.sb3_env` (``CoreVecEnv``, seeds) and :mod:`~dosegym.agents.sb3_agent`
+(the SB3 agents' iteration). The agents import torch on first use.
 """
 
 from __future__ import annotations

@@ -105,6 +105,8 @@ class Agent:
     learns: ClassVar[bool] = True
     #: The env ``dosegym align`` makes for the agent: ``"denoise"`` (DenoiseDose) or ``"guided"``.
     env_kind: ClassVar[str] = "denoise"
+    #: False for a learner that is not the denoiser (SB3 on GuidedDose): no trainable copy, no adapters.
+    trains_denoiser: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -145,7 +147,7 @@ class Agent:
         self.samples_trained = 0
         self.trains: dict[str, Any] = {"train": "nothing"}
         self.policy = policy
-        if self.learns:
+        if self.learns and self.trains_denoiser:
             c = self.config
             with torch.random.fork_rng(devices=[]):  # the adapters' initial weights follow the seed
                 torch.manual_seed(c.seed % 2**63)
@@ -173,7 +175,7 @@ class Agent:
 
     def parameters(self) -> list[torch.nn.Parameter]:
         """The parameters that train (the LoRA adapters, or every weight; none for Best-of-N)."""
-        return lora.trainable_parameters(self.policy.model) if self.learns else []
+        return lora.trainable_parameters(self.policy.model) if self.learns and self.trains_denoiser else []
 
     # -- checks -------------------------------------------------------------------------
     @property
@@ -246,6 +248,8 @@ class Agent:
         """Collect rollouts through the env and update what trains, for ``total_samples``
         more samples (whole iterations; see the module docstring). Returns ``self``."""
         n = self.check_budget(total_samples)
+        self.total_iterations = self.iteration + n  # the learning-rate horizon
+        self._wall_start = time.perf_counter() - self.wall_s
         self.setup_training(n)
         if self.config.eval_cases and self.iteration == 0 and not self.eval_history:
             self._record_eval()
@@ -269,9 +273,9 @@ class Agent:
         return int(self.config.gradient_accumulation_steps)
 
     def setup_training(self, iterations: int) -> None:
-        """Before ``iterations`` more iterations: the learning-rate horizon (iterations done +
-        ``iterations``), the optimizer step (made once), a resumed state applied."""
-        self.total_iterations = self.iteration + int(iterations)
+        """Before ``iterations`` more iterations (the horizon :attr:`total_iterations` is set):
+        the optimizer step (made once), a resumed state applied. SB3 agents build their model
+        here instead."""
         if self.learns and self.optim is None:
             self.optim = Optim(
                 self.policy.model,
@@ -284,7 +288,6 @@ class Agent:
             if self.optim is not None and self._resume.get("optim") is not None:
                 self.optim.load_state_dict(self._resume["optim"])
             self._resume = None
-        self._wall_start = time.perf_counter() - self.wall_s
 
     @property
     def rank(self) -> int:
@@ -379,10 +382,12 @@ class Agent:
             return dest
         with atomic_folder(dest, WRITER) as tmp:
             (tmp / CONFIG_FILE).write_text(self.config.to_yaml(), encoding="utf-8")
-            files = lora.save_trainable(tmp, self.policy.model, self.trains) if self.learns else []
+            denoiser = self.learns and self.trains_denoiser
+            files = lora.save_trainable(tmp, self.policy.model, self.trains) if denoiser else []
             if training_state:
                 torch.save(self.training_state(), tmp / TRAINING_STATE_FILE)
                 files.append(TRAINING_STATE_FILE)
+            files += self._save_extra(tmp, training_state)
             doc = {
                 "format_version": FORMAT_VERSION,
                 "agent": self.name,
@@ -479,20 +484,26 @@ class Agent:
         agent.base_checkpoint = base
         agent.base_policy, agent.base_fingerprint = policy, doc["base_fingerprint"]
         agent.policy, agent.trains = policy, {"train": "nothing"}
-        if cls.learns:
+        if cls.learns and cls.trains_denoiser:
             agent.policy, agent.trains = lora.load_trainable(folder, policy)
             agent.trains["trainable_parameters"] = sum(p.numel() for p in agent.parameters())
         agent._init_training()
         agent.samples_trained = int(doc.get("samples_trained", 0))
         agent.iteration = int(doc.get("iteration", 0))
-        agent._after_load()
+        agent._after_load(folder, resume)
         if resume:
             agent._apply_training_state(folder)
         agent.last_checkpoint = str(folder)
         return agent
 
-    def _after_load(self) -> None:
-        """Hook of subclasses: rebuild their own state after :meth:`load`."""
+    def _save_extra(self, folder: Path, training_state: bool) -> list[str]:
+        """Hook of subclasses: write their own files into ``folder`` (the temporary folder of
+        :meth:`save`'s atomic write); their names."""
+        return []
+
+    def _after_load(self, folder: Path, resume: bool) -> None:
+        """Hook of subclasses: rebuild their own state after :meth:`load` from ``folder``
+        (before a resumed training state is applied)."""
 
     def result(self, **fields: Any) -> dict[str, Any]:
         """The ``result.json`` document of this agent (see :func:`write_result`)."""

@@ -39,6 +39,7 @@ maps a trl config onto this one.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import numpy as np
@@ -254,9 +255,12 @@ class DDPO(Agent):
 
     def __init__(self, env: Any = None, policy: Any = None, config: Any = None, **kw: Any) -> None:
         super().__init__(env, policy, config, **kw)
-        self._after_load()
+        self._fresh_state()
 
-    def _after_load(self) -> None:
+    def _after_load(self, folder: Path, resume: bool) -> None:
+        self._fresh_state()  # a resumed tracker comes back with the training state
+
+    def _fresh_state(self) -> None:
         c = self.config
         self.tracker = (
             PerCaseStatTracker(c.per_prompt_stat_tracking_buffer_size, c.per_prompt_stat_tracking_min_count)

@@ -258,7 +258,7 @@ def align(
     policy = load_pretrained(checkpoint, device=dev, eta=cfg.sample_eta)
     check_num_steps(cfg.sample_num_steps, policy.model.config.diffusion, "--steps (sample_num_steps)")
     env = make_env(
-        getattr(cls, "env_kind", "denoise"),
+        cls.env_kind,
         b,
         policy=policy,
         cases=train_refs,

@@ -12,6 +12,7 @@ resume=True)`` keep the optimizer, iteration, curves and wall time. (Hand-writte
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -187,3 +188,25 @@ def test_bad_config_field_and_out_are_refused_before_any_work(tiny_checkpoint, t
     r = align(tiny_checkpoint, mine, "--agent", "nope")
     assert r.exit_code == 2 and "not an earlier dosegym align output" in " ".join(r.output.split())
     assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
+
+
+@pytest.mark.parametrize(
+    ("agent", "fields"),
+    [
+        ("ddpo", {"train_batch_size": 2}),
+        ("ppo", {"batch_size": 2}),
+        ("ppo_guided", {}),
+        ("sac_guided", {"learning_starts": 0}),
+    ],
+)
+def test_every_registered_learner_runs_through_align(tiny_checkpoint, tmp_path, agent, fields):
+    cfg = write_config(tmp_path / "c.yaml", **fields)
+    out = tmp_path / agent
+    r = align(
+        tiny_checkpoint, out, "--config", str(cfg), "--num-envs", "2", "--diversity-samples", "0", agent=agent
+    )
+    assert r.exit_code == 0, r.output
+    doc = read_result(out)
+    assert doc["agent"] == agent and doc["samples_trained"] == 4 and len(doc["curves"]) == 2
+    assert all(math.isfinite(c["reward_mean"]) for c in doc["curves"])
+    assert (out / "checkpoint" / "training_state.pt").is_file()
