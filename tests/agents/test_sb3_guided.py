@@ -85,9 +85,12 @@ def test_sac_without_updates_reports_no_loss(guided_env, tiny_policy):
     assert "loss" not in infos[0] and "grad_norm" not in infos[0]
 
 
-def test_predict_before_learning_is_refused(guided_env, tiny_policy, headneck28):
-    with pytest.raises(AgentError, match="before learn or load"):
-        make(PPOGuided, guided_env, tiny_policy).predict(headneck28)
+def test_predict_before_learning_is_the_unguided_model(guided_env, tiny_policy, headneck28):
+    agent = make(PPOGuided, guided_env, tiny_policy)
+    dose = agent.predict(headneck28, seed=1)  # no SB3 model yet: every weight -1, no guidance
+    assert np.isfinite(dose).all() and dose.shape == headneck28.grid.shape
+    np.testing.assert_array_equal(agent.predict(headneck28, seed=1), dose)
+    assert not np.array_equal(agent.predict(headneck28, seed=2), dose)
 
 
 def test_needs_a_guided_env(env, tiny_policy):
