@@ -7,7 +7,9 @@ One iteration, read top to bottom in :meth:`DDPO.train_iteration`:
 1. **Rollouts** (:func:`dosegym.agents.rollout.collect`): ``samples_per_iteration`` episodes
    (split over the processes of ``accelerate launch``) of the trainable (LoRA'd) policy
    through the DenoiseDose vector env, storing x_t, x_{t-1}, the timestep and the policy's
-   log-prob of every step.
+   log-prob of every step. The episodes of a batch share their case in groups of
+   ``samples_per_case`` (cases drawn without replacement from the source, seeded), so that
+   step 3 compares samples of one case with each other.
 2. **Rewards**: the env's returns, or with ``dense_reward`` (a temperature in Gy) the score
    term replaced by the soft scorecard's normalised score of the final x0 on the model grid
    (:class:`~dosegym.envs.guidance.SoftScorer`, the scorer GuidedDose builds), a smooth
@@ -49,7 +51,7 @@ from pydantic import Field, model_validator
 from dosegym.agents.base import Agent
 from dosegym.agents.config import AgentConfig
 from dosegym.agents.optim import ADAM_BETAS, ADAM_EPS, ADAM_WEIGHT_DECAY
-from dosegym.agents.rollout import Rollouts, check_env, collect, step_gaussian
+from dosegym.agents.rollout import Rollouts, case_groups, check_env, collect, step_gaussian
 from dosegym.agents.stat_tracking import PerCaseStatTracker, batch_advantages
 from dosegym.diffusion.schedulers import gaussian_log_prob
 from dosegym.envs.guidance import SoftScorer
@@ -124,8 +126,12 @@ class DDPOConfig(AgentConfig):
     """Normalise rewards per case (trl's per-prompt stat tracking) instead of over the batch."""
     per_prompt_stat_tracking_buffer_size: int = Field(16, ge=1)
     """Rewards kept per case for its statistics."""
-    per_prompt_stat_tracking_min_count: int = Field(16, ge=1)
+    per_prompt_stat_tracking_min_count: int = Field(4, ge=1)
     """Rewards a case needs before its own statistics are used (else the batch's)."""
+    samples_per_case: int = Field(4, ge=1)
+    """Episodes of a rollout batch share their case in groups of this size (capped at the
+    env's num_envs), so each case's statistics compare samples of that case; 1: each
+    episode draws its own case."""
     kl_weight: float = Field(0.0, ge=0)
     """DPOK KL penalty to the frozen reference per trained step (0: off; the reference never runs)."""
     dense_reward: float | None = Field(None, gt=0)
@@ -316,7 +322,12 @@ class DDPO(Agent):
         assert self.optim is not None
         per_rank = self.samples_per_iteration // self.optim.world_size
         seeds = [self.rollout_seed(j) for j in range(per_rank // env.num_envs)]
-        ro = collect(env, self.policy, seeds, c.sample_eta)
+        group = min(c.samples_per_case, env.num_envs)
+        picks = None
+        if group > 1:
+            rng = np.random.default_rng(self.rollout_seed(len(seeds)))
+            picks = [case_groups(len(env.core.source), env.num_envs, group, rng) for _ in seeds]
+        ro = collect(env, self.policy, seeds, c.sample_eta, picks)
         rewards = self.rewards(ro)
         self._check_rewards(ro, rewards, seeds)
 

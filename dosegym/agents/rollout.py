@@ -124,17 +124,39 @@ def check_env(env, steps: int) -> None:
         )
 
 
-def collect(env, policy: DosePolicy, seeds: Sequence[int], eta: float) -> Rollouts:
+def collect(
+    env,
+    policy: DosePolicy,
+    seeds: Sequence[int],
+    eta: float,
+    case_indices: Sequence[Sequence[int]] | None = None,
+) -> Rollouts:
     """``len(seeds) * env.num_envs`` episodes of ``policy`` through ``env`` (see the module
-    docstring), one reset per seed."""
-    return Rollouts.cat([_one_batch(env, policy, int(s), eta) for s in seeds])
+    docstring), one reset per seed; ``case_indices[j]``: the source's case index of each
+    sub-env in batch ``j`` (default: each sub-env draws its own)."""
+    if case_indices is not None and len(case_indices) != len(seeds):
+        raise AgentError(f"collect: {len(case_indices)} case-index lists for {len(seeds)} batches")
+    picks = case_indices if case_indices is not None else [None] * len(seeds)
+    return Rollouts.cat([_one_batch(env, policy, int(s), eta, p) for s, p in zip(seeds, picks)])
 
 
-def _one_batch(env, policy: DosePolicy, seed: int, eta: float) -> Rollouts:
+def case_groups(n_cases: int, batch: int, group: int, rng: np.random.Generator) -> list[int]:
+    """Case indices of one rollout batch of ``batch`` episodes in groups of ``group`` samples
+    of the same case: ``batch // group`` cases drawn without replacement (with replacement
+    when the source has fewer), each repeated ``group`` times."""
+    if group < 1 or batch % group:
+        raise AgentError(f"samples_per_case {group} must divide the env's num_envs {batch}")
+    k = batch // group
+    chosen = rng.choice(n_cases, size=k, replace=n_cases < k)
+    return [int(i) for i in np.repeat(chosen, group)]
+
+
+def _one_batch(env, policy: DosePolicy, seed: int, eta: float, cases_of: Sequence[int] | None) -> Rollouts:
     core = env.core
     b, steps = env.num_envs, core.steps
     charge_kl = core.reward_config.w_kl > 0
-    _, reset_infos = env.reset(seed=seed)
+    options = None if cases_of is None else {"case_index": list(cases_of)}
+    _, reset_infos = env.reset(seed=seed, options=options)
     cases = list(core.cds)
     chain = core.chain
     xs, xps, lps, ts = [], [], [], []

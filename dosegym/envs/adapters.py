@@ -111,7 +111,8 @@ class DoseVectorEnv(CoreViews, VectorEnv):
     ``i`` has its own ``np_random`` (``reset(seed=s)`` seeds it with ``s + i``, as
     ``SyncVectorEnv`` does), which draws its case and its sampler seed exactly as a single
     env with that seed would; only the batched model forward's floating-point rounding
-    differs from B single envs.
+    differs from B single envs. ``reset(options={"case_index": [i_0, ..., i_{B-1}]})`` gives
+    each sub-env its own case (one index for all: every sub-env that case).
 
     **Autoreset**: ``AutoresetMode.NEXT_STEP`` (Gymnasium's default, as ``make_vec`` "sync" /
     "async"): every episode lasts the same number of steps, so all sub-envs terminate

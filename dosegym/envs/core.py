@@ -143,7 +143,7 @@ class DoseCore:
         """Start one episode per generator (B of them): the batched observation and the infos."""
         if len(rngs) != self.batch:
             raise EnvError(f"reset: {len(rngs)} generators for {self.batch} episodes")
-        self.cds = [self.store.choose(rng, options) for rng in rngs]
+        self.cds = [self.store.choose(rng, o) for rng, o in zip(rngs, self._episode_options(options))]
         extras = self._begin(rngs)
         self._cond_obs = None
         infos = []
@@ -158,6 +158,16 @@ class DoseCore:
                 }
             )
         return self.observation(), infos
+
+    def _episode_options(self, options: dict[str, Any] | None) -> list[dict[str, Any] | None]:
+        """Each episode's reset options: a ``case_index`` sequence of B indices (vector envs)
+        gives episode ``i`` the ``i``-th; anything else is every episode's."""
+        index = (options or {}).get("case_index")
+        if self.unbatched or not isinstance(index, (list, tuple, np.ndarray)):
+            return [options] * self.batch
+        if len(index) != self.batch:
+            raise EnvError(f"reset option case_index: {len(index)} indices for {self.batch} episodes")
+        return [{**options, "case_index": i.item() if isinstance(i, np.generic) else i} for i in index]
 
     def check_running(self) -> None:
         """``EnvError`` before the first reset and once the episodes have ended."""

@@ -380,3 +380,22 @@ def test_bf16_mixed_precision_on_cpu_trains(tiny_policy, denv):
     assert math.isfinite(infos[0]["loss"]) and math.isfinite(infos[0]["grad_norm"])
     assert any(not torch.equal(v, lora_state(agent)[k]) for k, v in before.items())
     assert all(p.dtype == torch.float32 for p in agent.parameters())  # weights stay float32
+
+
+def test_rollout_batches_share_cases_in_groups(tiny_policy):
+    from dosegym.agents.rollout import case_groups
+
+    rng = np.random.default_rng(0)
+    picks = case_groups(5, 4, 2, rng)
+    assert picks[0] == picks[1] and picks[2] == picks[3] and picks[0] != picks[2]  # without replacement
+    assert case_groups(1, 4, 2, rng) == [0, 0, 0, 0]  # fewer cases than groups: with replacement
+    with pytest.raises(AgentError, match="must divide"):
+        case_groups(5, 4, 3, rng)
+    env = ddpo_env(tiny_policy, cases=["phantoms:headneck/0", "phantoms:headneck/1", "phantoms:headneck/2"])
+    agent = DDPO(env, tiny_policy, {**FAST, "samples_per_case": 2})
+    seen = []
+    agent.learn(4, callback=lambda a, info: seen.append(info["tied_fraction"]))
+    ro = collect(env, agent.policy, [1], 1.0, [case_groups(3, 2, 2, np.random.default_rng(1))])
+    assert ro.case_keys[0] == ro.case_keys[1]
+    assert seen and all(np.isfinite(seen))
+    env.close()

@@ -169,3 +169,19 @@ def test_guided_and_bandit_vector_envs_batch_the_real_model(env_id, tiny_policy,
         EnvError, match=r"GuidedDoseVectorEnv: .*'num_envs'|ScorecardBanditVectorEnv: .*'num_envs'"
     ):
         gym.make_vec(env_id, num_envs=2, polcy=tiny_policy)
+
+
+def test_each_sub_env_can_be_given_its_case(tiny_policy, prostate_cases):
+    from dosegym.envs.denoise import DenoiseDoseVectorEnv
+    from dosegym.errors import EnvError
+
+    env = DenoiseDoseVectorEnv(num_envs=3, policy=tiny_policy, cases=prostate_cases[:2], steps=2)
+    _, infos = env.reset(seed=0, options={"case_index": [1, 0, 1]})
+    keys = list(infos["case_key"])
+    assert keys[0] == keys[2] != keys[1]
+    _, infos = env.reset(seed=0, options={"case_index": 0})
+    assert len(set(infos["case_key"])) == 1
+    with pytest.raises(EnvError, match="2 indices for 3 episodes"):
+        env.reset(seed=0, options={"case_index": [0, 1]})
+    with pytest.raises(EnvError, match="out of range"):
+        env.reset(seed=0, options={"case_index": [0, 1, 5]})
