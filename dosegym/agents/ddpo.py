@@ -11,9 +11,12 @@ One iteration, read top to bottom in :meth:`DDPO.train_iteration`:
    ``samples_per_case`` (cases drawn without replacement from the source, seeded), so that
    step 3 compares samples of one case with each other.
 2. **Rewards**: the env's returns, or with ``dense_reward`` (a temperature in Gy) the score
-   term replaced by the soft scorecard's normalised score of the final x0 on the model grid
-   (:class:`~dosegym.envs.guidance.SoftScorer`, the scorer GuidedDose builds), a smooth
-   signal where the exact card's piecewise-linear points are flat; evaluation stays exact.
+   term replaced by the dense score of the final x0 on the model grid
+   (:func:`~dosegym.scorecards.dense.dense_normalised` on the scorer GuidedDose builds,
+   :class:`~dosegym.envs.guidance.SoftScorer`): soft metrics, and points that keep falling
+   past each curve's failing end (``dense_leak``), a signal where the exact card's points are
+   flat (samples that fail the same items by different margins no longer tie); evaluation
+   stays exact.
 3. **Advantages**: rewards of all processes normalised per case (trl's per-prompt stat
    tracking, :class:`~dosegym.agents.stat_tracking.PerCaseStatTracker`) or over the batch,
    clipped to ``±train_adv_clip_max``. ``tied_fraction`` logs the share of per-case groups
@@ -57,6 +60,7 @@ from dosegym.diffusion.schedulers import gaussian_log_prob
 from dosegym.envs.guidance import SoftScorer
 from dosegym.envs.reward import gaussian_kl
 from dosegym.errors import AgentError
+from dosegym.scorecards.dense import dense_normalised
 
 #: trl 0.23.1 ``DDPOConfig`` fields that map onto ours: trl name -> (trl default, our field).
 TRL_MAPPED: dict[str, tuple[Any, str]] = {
@@ -135,7 +139,9 @@ class DDPOConfig(AgentConfig):
     kl_weight: float = Field(0.0, ge=0)
     """DPOK KL penalty to the frozen reference per trained step (0: off; the reference never runs)."""
     dense_reward: float | None = Field(None, gt=0)
-    """Train on the soft scorecard at this temperature (Gy) instead of the exact card; None: exact."""
+    """Train on the dense score, soft metrics at this temperature (Gy), not the exact card; None: exact."""
+    dense_leak: float = Field(1.0, ge=0)
+    """Dense score: points fall past each curve's failing end at this share of its mean slope (0: flat)."""
 
     @model_validator(mode="after")
     def _fits(self) -> DDPOConfig:
@@ -357,7 +363,7 @@ class DDPO(Agent):
     def rewards(self, ro: Rollouts) -> np.ndarray:
         """Each episode's training reward ``(N,)``: the env's return, or with ``dense_reward``
         its score term swapped for the soft normalised score of the final x0."""
-        temperature = self.config.dense_reward
+        temperature, leak = self.config.dense_reward, self.config.dense_leak
         if temperature is None:
             return ro.rewards.copy()
         w_score = self.env.core.reward_config.w_score
@@ -367,8 +373,8 @@ class DDPO(Agent):
                 self._soft[cd.key] = SoftScorer(cd.card, cd.case, cd.resampler, temperature)
             scorer = self._soft[cd.key]
             with torch.no_grad():
-                soft = scorer.soft.score(scorer.dose_gy(ro.x0[i : i + 1]), temperature=temperature)
-            out[i] += w_score * (float(soft.normalised[0]) - float(ro.score_normalised[i]))
+                dense = dense_normalised(scorer.soft, scorer.dose_gy(ro.x0[i : i + 1]), temperature, leak)
+            out[i] += w_score * (float(dense[0]) - float(ro.score_normalised[i]))
         return out
 
     def _check_rewards(self, ro: Rollouts, rewards: np.ndarray, seeds: list[int]) -> None:
