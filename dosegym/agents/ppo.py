@@ -53,8 +53,7 @@ import torch
 from gymnasium import spaces
 from pydantic import Field
 
-from dosegym.agents.config import AgentConfig
-from dosegym.agents.sb3_agent import SB3Agent
+from dosegym.agents.sb3_agent import PPOFields, SB3Agent
 from dosegym.agents.sb3_env import ACTION_NOISE, MODEL_INIT, rollout_core, rollout_seed, scoped_seed
 from dosegym.agents.sb3_policy import DenoiserPolicy
 from dosegym.envs.core import DoseCore
@@ -63,31 +62,22 @@ from dosegym.errors import AgentError
 VALUE_HEAD_FILE = "value_head.safetensors"
 
 
-class PPOConfig(AgentConfig):
-    """PPO's config: the shared fields plus SB3's PPO fields."""
+class PPOConfig(PPOFields):
+    """PPO's config: the shared fields plus SB3's PPO fields (:class:`PPOFields`), with
+    defaults for voxel-sized Gaussian actions."""
 
     agent_name: ClassVar[str] = "ppo"
 
-    n_steps: int | None = Field(None, ge=1)
-    """SB3's env steps per env per rollout: None or samples_per_iteration / num_envs * sample_num_steps."""
     batch_size: int = Field(8, ge=2)
     """Transitions per minibatch of the update (the update's memory grows with it)."""
     n_epochs: int = Field(1, ge=1)
     """Passes over the rollout per update (1, as DDPO's train_num_inner_epochs)."""
-    gamma: float = Field(1.0, ge=0, le=1)
-    """Discount factor (1: the episode's end score counts in full at every step)."""
-    gae_lambda: float = Field(0.95, ge=0, le=1)
-    """GAE lambda (bias-variance trade-off of the advantages)."""
     clip_range: float = Field(1e-4, gt=0)
     """PPO clip range of the ratio of element-averaged step probabilities (DDPO's 1e-4 scale)."""
     ent_coef: float = Field(0.0, ge=0)
     """Entropy coefficient (0: the scheduler fixes the step std, the entropy does not train)."""
-    vf_coef: float = Field(0.5, ge=0)
-    """Value loss coefficient."""
     max_grad_norm: float = Field(1.0, gt=0)
     """Gradient norm clip of each minibatch step."""
-    target_kl: float | None = Field(None, gt=0)
-    """Stop an update's epochs early past this approximate KL (None: never)."""
     value_channels: int = Field(8, ge=1)
     """Channels of the value head's first Conv3d (the second has twice as many)."""
 

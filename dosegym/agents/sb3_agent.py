@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from pydantic import Field
 
 from dosegym.agents.base import Agent
 from dosegym.agents.config import AgentConfig
@@ -35,6 +36,32 @@ from dosegym.agents.sb3_env import (
     scoped_seed,
 )
 from dosegym.errors import AgentError
+
+
+class PPOFields(AgentConfig):
+    """The fields of SB3's PPO that both PPO agents share (SB3's defaults; each agent's config
+    overrides where its action space needs another)."""
+
+    n_steps: int | None = Field(None, ge=1)
+    """SB3's env steps per env per rollout: None or samples_per_iteration / num_envs * sample_num_steps."""
+    batch_size: int = Field(64, ge=2)
+    """Transitions per minibatch of the update (the update's memory grows with it)."""
+    n_epochs: int = Field(10, ge=1)
+    """Passes over the rollout per update."""
+    gamma: float = Field(1.0, ge=0, le=1)
+    """Discount factor (1: the episode's end score counts in full at every step)."""
+    gae_lambda: float = Field(0.95, ge=0, le=1)
+    """GAE lambda (bias-variance trade-off of the advantages)."""
+    clip_range: float = Field(0.2, gt=0)
+    """PPO clip range of the probability ratio."""
+    ent_coef: float = Field(0.0, ge=0)
+    """Entropy coefficient."""
+    vf_coef: float = Field(0.5, ge=0)
+    """Value loss coefficient."""
+    max_grad_norm: float = Field(0.5, gt=0)
+    """Gradient norm clip of each minibatch step."""
+    target_kl: float | None = Field(None, gt=0)
+    """Stop an update's epochs early past this approximate KL (None: never)."""
 
 
 class IterationSchedule:

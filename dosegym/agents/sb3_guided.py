@@ -45,7 +45,7 @@ from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from torch import nn
 
 from dosegym.agents.config import AgentConfig
-from dosegym.agents.sb3_agent import SB3Agent
+from dosegym.agents.sb3_agent import PPOFields, SB3Agent
 from dosegym.agents.sb3_env import MODEL_INIT, numpy_obs, rollout_core, rollout_seed, scoped_seed
 from dosegym.data.case import Case
 from dosegym.errors import AgentError
@@ -76,31 +76,12 @@ class GuidedFeatures(BaseFeaturesExtractor):
         return torch.cat([self.cnn(volumes), obs["timestep"], obs["scores"]], dim=1)
 
 
-class PPOGuidedConfig(AgentConfig):
-    """PPO on GuidedDose: the shared fields plus SB3's PPO fields."""
+class PPOGuidedConfig(PPOFields):
+    """PPO on GuidedDose: the shared fields plus SB3's PPO fields (:class:`PPOFields`, SB3's
+    defaults)."""
 
     agent_name: ClassVar[str] = "ppo_guided"
 
-    n_steps: int | None = Field(None, ge=1)
-    """SB3's env steps per env per rollout: None or samples_per_iteration / num_envs * sample_num_steps."""
-    batch_size: int = Field(64, ge=2)
-    """Transitions per minibatch of the update."""
-    n_epochs: int = Field(10, ge=1)
-    """Passes over the rollout per update."""
-    gamma: float = Field(1.0, ge=0, le=1)
-    """Discount factor (1: the episode's end score counts in full at every step)."""
-    gae_lambda: float = Field(0.95, ge=0, le=1)
-    """GAE lambda."""
-    clip_range: float = Field(0.2, gt=0)
-    """PPO clip range of the probability ratio."""
-    ent_coef: float = Field(0.0, ge=0)
-    """Entropy coefficient."""
-    vf_coef: float = Field(0.5, ge=0)
-    """Value loss coefficient."""
-    max_grad_norm: float = Field(0.5, gt=0)
-    """Gradient norm clip of each minibatch step."""
-    target_kl: float | None = Field(None, gt=0)
-    """Stop an update's epochs early past this approximate KL (None: never)."""
     features_channels: int = Field(8, ge=1)
     """Channels of GuidedFeatures' Conv3d."""
 
