@@ -41,6 +41,12 @@ class RewardFields(BaseModel):
     """Pretrained samples that estimate the baseline points."""
     baseline_seed: int = 0
     """Seed of those baseline samples."""
+    score: Literal["exact", "dense"] = "exact"
+    """The score term: the exact card, or the dense score (soft metrics, leaky failing ends)."""
+    dense_temperature_gy: float = Field(2.0, gt=0)
+    """Dense score: the soft metrics' temperature in Gy."""
+    dense_leak: float = Field(1.0, ge=0)
+    """Dense score: points fall past each curve's failing end at this share of its mean slope."""
 
     @field_validator("w_score", "w_fid", "w_kl")
     @classmethod

@@ -10,13 +10,9 @@ One iteration, read top to bottom in :meth:`DDPO.train_iteration`:
    log-prob of every step. The episodes of a batch share their case in groups of
    ``samples_per_case`` (cases drawn without replacement from the source, seeded), so that
    step 3 compares samples of one case with each other.
-2. **Rewards**: the env's returns, or with ``dense_reward`` (a temperature in Gy) the score
-   term replaced by the dense score of the final x0 on the model grid
-   (:func:`~dosegym.scorecards.dense.dense_normalised` on the scorer GuidedDose builds,
-   :class:`~dosegym.envs.guidance.SoftScorer`): soft metrics, and points that keep falling
-   past each curve's failing end (``dense_leak``), a signal where the exact card's points are
-   flat (samples that fail the same items by different margins no longer tie); evaluation
-   stays exact.
+2. **Rewards**: the env's returns (its ``reward``; with ``reward.score="dense"`` the score
+   term is the dense score, :mod:`dosegym.envs.reward`, where the exact card ties samples
+   that fail the same items; evaluation stays exact).
 3. **Advantages**: rewards of all processes normalised per case (trl's per-prompt stat
    tracking, :class:`~dosegym.agents.stat_tracking.PerCaseStatTracker`) or over the batch,
    clipped to ``±train_adv_clip_max``. ``tied_fraction`` logs the share of per-case groups
@@ -57,10 +53,8 @@ from dosegym.agents.optim import ADAM_BETAS, ADAM_EPS, ADAM_WEIGHT_DECAY
 from dosegym.agents.rollout import Rollouts, case_groups, check_env, collect, step_gaussian
 from dosegym.agents.stat_tracking import PerCaseStatTracker, batch_advantages
 from dosegym.diffusion.schedulers import gaussian_log_prob
-from dosegym.envs.guidance import SoftScorer
 from dosegym.envs.reward import gaussian_kl
 from dosegym.errors import AgentError
-from dosegym.scorecards.dense import dense_normalised
 
 #: trl 0.23.1 ``DDPOConfig`` fields that map onto ours: trl name -> (trl default, our field).
 TRL_MAPPED: dict[str, tuple[Any, str]] = {
@@ -138,10 +132,6 @@ class DDPOConfig(AgentConfig):
     episode draws its own case."""
     kl_weight: float = Field(0.0, ge=0)
     """DPOK KL penalty to the frozen reference per trained step (0: off; the reference never runs)."""
-    dense_reward: float | None = Field(None, gt=0)
-    """Train on the dense score, soft metrics at this temperature (Gy), not the exact card; None: exact."""
-    dense_leak: float = Field(1.0, ge=0)
-    """Dense score: points fall past each curve's failing end at this share of its mean slope (0: flat)."""
 
     @model_validator(mode="after")
     def _fits(self) -> DDPOConfig:
@@ -279,7 +269,6 @@ class DDPO(Agent):
             if c.per_prompt_stat_tracking
             else None
         )
-        self._soft: dict[str, SoftScorer] = {}
 
     # -- the shared machinery's hooks ------------------------------------------------------
     def grad_clip_norm(self) -> float:
@@ -314,11 +303,6 @@ class DDPO(Agent):
                 f"samples_per_iteration {self.samples_per_iteration} over {world} processes must give each "
                 f"a multiple of num_envs {env.num_envs} and of train_batch_size {c.train_batch_size}"
             )
-        if c.dense_reward is not None and env.core.reward_config.scale != "normalised":
-            raise AgentError(
-                f"dense_reward replaces the normalised score term; the env's reward.scale is "
-                f"{env.core.reward_config.scale!r}: use scale='normalised'"
-            )
         return env
 
     # -- one iteration -----------------------------------------------------------------------
@@ -334,7 +318,7 @@ class DDPO(Agent):
             rng = np.random.default_rng(self.rollout_seed(len(seeds)))
             picks = [case_groups(len(env.core.source), env.num_envs, group, rng) for _ in seeds]
         ro = collect(env, self.policy, seeds, c.sample_eta, picks)
-        rewards = self.rewards(ro)
+        rewards = ro.rewards
         self._check_rewards(ro, rewards, seeds)
 
         # advantages over every process's samples, per case; this rank's slice
@@ -359,23 +343,6 @@ class DDPO(Agent):
             "tied_fraction": tied_fraction(keys, all_rewards),
             **stats,
         }
-
-    def rewards(self, ro: Rollouts) -> np.ndarray:
-        """Each episode's training reward ``(N,)``: the env's return, or with ``dense_reward``
-        its score term swapped for the soft normalised score of the final x0."""
-        temperature, leak = self.config.dense_reward, self.config.dense_leak
-        if temperature is None:
-            return ro.rewards.copy()
-        w_score = self.env.core.reward_config.w_score
-        out = ro.rewards.copy()
-        for i, cd in enumerate(ro.cases):
-            if cd.key not in self._soft:
-                self._soft[cd.key] = SoftScorer(cd.card, cd.case, cd.resampler, temperature)
-            scorer = self._soft[cd.key]
-            with torch.no_grad():
-                dense = dense_normalised(scorer.soft, scorer.dose_gy(ro.x0[i : i + 1]), temperature, leak)
-            out[i] += w_score * (float(dense[0]) - float(ro.score_normalised[i]))
-        return out
 
     def _check_rewards(self, ro: Rollouts, rewards: np.ndarray, seeds: list[int]) -> None:
         bad = np.flatnonzero(~np.isfinite(rewards))

@@ -69,8 +69,9 @@ class CaseData:
     (bound) and fit, and what the env computes once per case (on its device, for its
     observation backend): ``body`` (bool) and ``reference_gy`` on the case grid,
     ``cond_obs`` (the observation's condition part), ``soft`` (GuidedDose's soft scorer on the
-    model grid), ``soft_card`` (the Bandit's soft scorecard on the case grid) and
-    ``pretrained`` (the baseline and the Bandit's anchor)."""
+    model grid), ``dense`` (the dense reward's, at ``dense_temperature_gy``), ``soft_card``
+    (the Bandit's soft scorecard on the case grid) and ``pretrained`` (the baseline and the
+    Bandit's anchor)."""
 
     index: int
     key: str
@@ -85,6 +86,7 @@ class CaseData:
     reference_gy: torch.Tensor | None
     cond_obs: dict[str, Any] | None = None
     soft: SoftScorer | None = None
+    dense: SoftScorer | None = None
     soft_card: SoftScorecard | None = None
     pretrained: PretrainedStats | None = None
 

@@ -32,9 +32,11 @@ from dosegym.diffusion.slots import SLOT_CHANNELS, ModelSpec, collate
 from dosegym.envs.cards import CardChooser
 from dosegym.envs.cases import CaseData, CaseStore, PretrainedStats
 from dosegym.envs.config import EnvConfig
+from dosegym.envs.guidance import SoftScorer
 from dosegym.envs.reward import compose, masked_mae_gy, score_term
 from dosegym.envs.sources import CaseSource
 from dosegym.errors import EnvError, ModelError
+from dosegym.scorecards.dense import dense_normalised
 
 _SEED_HIGH = 2**63 - 1
 
@@ -327,6 +329,9 @@ class DoseCore:
             report = cd.bound.score(dose.float().cpu().numpy(), allow_high=True)
             baseline = self.pretrained_stats(cd).points if cfg.scale == "baseline" else None
             s = score_term(report.total, report.maximum, cfg.scale, baseline)
+            dense = self.dense_score(cd, x_final) if cfg.score == "dense" else None
+            if dense is not None:
+                s = dense
             body, reference = cd.body, cd.reference_gy
             anchor_name = cfg.fidelity
             if anchor_name == "auto":
@@ -356,11 +361,22 @@ class DoseCore:
         }
         if baseline is not None:
             info["baseline_points"] = baseline
+        if dense is not None:
+            info["score_dense"] = dense
         if reference is not None:
             info["reference_mae_gy"] = (
                 fid_gy if anchor_name == "reference" else masked_mae_gy(dose, reference, body)
             )
         return reward, info
+
+    def dense_score(self, cd: CaseData, x_final: torch.Tensor) -> float:
+        """The dense normalised score of a final model-grid state ``(C, Z, Y, X)`` (see
+        :mod:`dosegym.envs.reward`; the case's scorer made once)."""
+        cfg = self.reward_config
+        if cd.dense is None:
+            cd.dense = SoftScorer(cd.card, cd.case, cd.resampler, cfg.dense_temperature_gy)
+        dose = cd.dense.dose_gy(x_final[None].to(torch.float32))
+        return float(dense_normalised(cd.dense.soft, dose, cfg.dense_temperature_gy, cfg.dense_leak)[0])
 
     # -- rendering ----------------------------------------------------------------------
     def render(self, i: int = 0) -> np.ndarray | str | None:

@@ -29,6 +29,14 @@
   Gaussian (``env.unwrapped.set_agent_gaussian(mean, std)`` before ``step``); GuidedDose
   always (the guided step vs the unguided one); ScorecardBandit has no chain and no KL.
 
+  With ``score="dense"`` (``scale`` must be ``"normalised"``) ``S`` is instead the *dense*
+  normalised score of the final state on the model grid
+  (:func:`~dosegym.scorecards.dense.dense_normalised`): soft metrics at
+  ``dense_temperature_gy``, and points that keep falling past each curve's failing end at
+  ``dense_leak`` times its mean slope, so samples that fail the same items by different
+  margins do not tie (the exact card's points are flat there). ``info`` logs both
+  (``score_normalised`` exact, ``score_dense``); evaluation stays on the exact card.
+
 ``S`` and ``F`` are computed on the last step only; earlier steps earn ``-w_kl * KL`` (0 by
 default). Every term, weight and the scale are logged in ``info["reward_terms"]``.
 """
@@ -45,6 +53,7 @@ from dosegym.errors import EnvError
 
 SCALES: tuple[str, ...] = ("raw", "normalised", "baseline")
 FIDELITY_ANCHORS: tuple[str, ...] = ("auto", "pretrained", "reference")
+SCORES: tuple[str, ...] = ("exact", "dense")
 
 
 @dataclass(frozen=True)
@@ -54,7 +63,8 @@ class RewardConfig:
     ``w_score``, ``w_fid``, ``w_kl``: finite weights >= 0. ``scale``: ``"raw"``,
     ``"normalised"`` or ``"baseline"``. ``fidelity``: ``"auto"``, ``"pretrained"`` or
     ``"reference"``. ``baseline_samples`` (>= 1) and ``baseline_seed``: the pretrained
-    samples that estimate the baseline points and the Bandit's pretrained anchor.
+    samples that estimate the baseline points and the Bandit's pretrained anchor. ``score``:
+    ``"exact"`` or ``"dense"`` (with ``dense_temperature_gy`` > 0 and ``dense_leak`` >= 0).
     """
 
     w_score: float = 1.0
@@ -64,6 +74,9 @@ class RewardConfig:
     fidelity: Literal["auto", "pretrained", "reference"] = "auto"
     baseline_samples: int = 4
     baseline_seed: int = 0
+    score: Literal["exact", "dense"] = "exact"
+    dense_temperature_gy: float = 2.0
+    dense_leak: float = 1.0
 
     def __post_init__(self) -> None:
         for name in ("w_score", "w_fid", "w_kl"):
@@ -74,6 +87,17 @@ class RewardConfig:
             raise EnvError(f"reward.scale {self.scale!r} is unknown; valid: {list(SCALES)}")
         if self.fidelity not in FIDELITY_ANCHORS:
             raise EnvError(f"reward.fidelity {self.fidelity!r} is unknown; valid: {list(FIDELITY_ANCHORS)}")
+        if self.score not in SCORES:
+            raise EnvError(f"reward.score {self.score!r} is unknown; valid: {list(SCORES)}")
+        if self.score == "dense" and self.scale != "normalised":
+            raise EnvError(
+                f"reward.score='dense' is a normalised score: use scale='normalised', not {self.scale!r}"
+            )
+        t, leak = self.dense_temperature_gy, self.dense_leak
+        if not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
+            raise EnvError(f"reward.dense_temperature_gy must be a finite number of Gy > 0, got {t!r}")
+        if not isinstance(leak, (int, float)) or not math.isfinite(leak) or leak < 0:
+            raise EnvError(f"reward.dense_leak must be a finite number >= 0, got {leak!r}")
         if int(self.baseline_samples) < 1:
             raise EnvError(f"reward.baseline_samples must be >= 1, got {self.baseline_samples}")
 

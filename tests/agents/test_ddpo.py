@@ -113,7 +113,7 @@ def test_per_case_stat_tracker_hand_computed():
 
 # -- config -----------------------------------------------------------------------------------
 def test_config_checks_and_yaml_round_trip():
-    c = DDPOConfig(**FAST, mode="sf", kl_weight=0.1, dense_reward=1.5)
+    c = DDPOConfig(**FAST, mode="sf", kl_weight=0.1, reward={"score": "dense", "dense_temperature_gy": 1.5})
     assert DDPOConfig.from_yaml(c.to_yaml()) == c
     with pytest.raises(AgentError, match="multiple of train_batch_size 3"):
         DDPOConfig.coerce({"samples_per_iteration": 4, "train_batch_size": 3})
@@ -270,11 +270,15 @@ def test_budget_smaller_than_one_iteration_is_refused(tiny_policy, denv):
         DDPO(denv, tiny_policy, FAST).learn(3)
 
 
-def test_kl_penalty_and_dense_reward_run(tiny_policy, denv):
-    agent = DDPO(denv, tiny_policy, {**FAST, "kl_weight": 0.1, "dense_reward": 2.0})
+def test_kl_penalty_and_dense_reward_run(tiny_policy):
+    denv = ddpo_env(tiny_policy, reward={**REWARD, "score": "dense"})
+    agent = DDPO(denv, tiny_policy, {**FAST, "kl_weight": 0.1})
     ro = collect(denv, agent.policy, [1], eta=1.0)
-    dense = agent.rewards(ro)
-    assert np.isfinite(dense).all() and not np.allclose(dense, ro.rewards)
+    exact_env = ddpo_env(tiny_policy)
+    ro_exact = collect(exact_env, agent.policy, [1], eta=1.0)  # the same episodes, scored exactly
+    assert np.array_equal(ro.score_normalised, ro_exact.score_normalised)
+    assert np.isfinite(ro.rewards).all() and not np.allclose(ro.rewards, ro_exact.rewards)
+    exact_env.close()
     infos = []
     agent.learn(4, callback=lambda a, i: infos.append(i))
     assert infos[0]["kl_mean"] >= 0.0 and math.isfinite(infos[0]["kl_mean"])  # the DPOK penalty's KL
@@ -319,20 +323,24 @@ def test_save_load_identical_predictions(tiny_policy, denv, headneck28, tmp_path
     assert np.array_equal(agent.predict(headneck28, seed=3), loaded.predict(headneck28, seed=3))
 
 
-def test_nonfinite_reward_stops_with_diagnosis_and_keeps_last_checkpoint(tiny_policy, denv, tmp_path):
+def test_nonfinite_reward_stops_with_diagnosis_and_keeps_last_checkpoint(
+    tiny_policy, denv, tmp_path, monkeypatch
+):
+    import dosegym.agents.ddpo as ddpo_module
+
     agent = DDPO(denv, tiny_policy, FAST)
     ckpt = tmp_path / "last"
-    real = agent.rewards
+    real = ddpo_module.collect
     calls = []
 
-    def rewards(ro):
+    def collect_nan(*args, **kwargs):
         calls.append(1)
-        r = real(ro)
+        ro = real(*args, **kwargs)
         if len(calls) == 2:
-            r[3] = np.nan
-        return r
+            ro.rewards[3] = np.nan
+        return ro
 
-    agent.rewards = rewards
+    monkeypatch.setattr(ddpo_module, "collect", collect_nan)
     with pytest.raises(AgentError) as exc:
         agent.learn(12, callback=lambda a, info: a.save(ckpt))
     msg = str(exc.value)

@@ -51,3 +51,46 @@ def test_score_term_and_composition():
     assert reward == pytest.approx(2.0 * 0.5 - 3.0 * 0.1 - 4.0 * 0.01)
     assert terms["reward"] == reward and terms["fidelity"] == 0.1
     assert compose(cfg, None, None, None)[0] == 0.0
+
+
+def test_dense_score_config_is_checked():
+    assert RewardConfig(score="dense").dense_temperature_gy == 2.0
+    with pytest.raises(EnvError, match="use scale='normalised'"):
+        RewardConfig(score="dense", scale="raw")
+    with pytest.raises(EnvError, match="valid: \\['exact', 'dense'\\]"):
+        RewardConfig(score="soft")
+    with pytest.raises(EnvError, match="dense_temperature_gy"):
+        RewardConfig(score="dense", dense_temperature_gy=0.0)
+    with pytest.raises(EnvError, match="dense_leak"):
+        RewardConfig(dense_leak=float("nan"))
+
+
+def test_dense_score_is_the_reward_and_the_exact_score_is_logged(tiny_policy, pt108):
+    import gymnasium as gym
+    import numpy as np
+
+    from dosegym.envs.guidance import SoftScorer
+    from dosegym.scorecards.dense import dense_normalised
+
+    def episode(reward):
+        env = gym.make("dosegym/DenoiseDose-v0", policy=tiny_policy, cases=[pt108], steps=3, reward=reward)
+        u = env.unwrapped
+        obs, _ = env.reset(seed=2)
+        done = False
+        while not done:
+            mean, std = u.policy_step(obs)
+            obs, r, done, _, info = env.step(mean + std * u.sample_noise())
+        return r, info, obs["x_t"]
+
+    r_exact, exact, _ = episode(None)
+    r_dense, dense, x = episode({"score": "dense", "dense_temperature_gy": 1.5})
+    assert dense["score_normalised"] == exact["score_normalised"] and "score_dense" not in exact
+    assert r_dense == dense["score_dense"] != r_exact
+    cd = None
+    from dosegym.envs.denoise import DenoiseDoseEnv
+
+    env = DenoiseDoseEnv(policy=tiny_policy, cases=[pt108], steps=3)
+    cd = env.core.case_data(0)
+    scorer = SoftScorer(cd.card, cd.case, cd.resampler, 1.5)
+    want = dense_normalised(scorer.soft, scorer.dose_gy(torch.from_numpy(np.asarray(x))[None]), 1.5, 1.0)
+    assert dense["score_dense"] == pytest.approx(float(want[0]), rel=1e-6)
