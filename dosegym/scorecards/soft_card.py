@@ -31,7 +31,8 @@ from dosegym.errors import ScorecardError
 from dosegym.scorecards.bound import BoundScorecard
 from dosegym.scorecards.groups import GROUP_NAMES, objective_group
 from dosegym.scorecards.metrics_torch import compute_metric_torch
-from dosegym.scorecards.soft import soft_metric_torch, soft_piecewise_linear
+from dosegym.scorecards.soft import soft_piecewise_linear
+from dosegym.scorecards.soft_items import SoftItems
 
 Tensor = torch.Tensor
 
@@ -92,6 +93,7 @@ class SoftScorecard:
                 self.groups[objective_group(item.structure, bool(self.slopes[i] < 0), bound.case)].append(i)
         self._tensors: dict[str, list[ItemTensors | None]] = {}
         self._body: dict[str, Tensor | None] = {}
+        self._soft: dict[str, SoftItems] = {}
 
     # -- masks on a device ------------------------------------------------------------------
     def item_tensors(self, device: torch.device) -> list[ItemTensors | None]:
@@ -114,9 +116,19 @@ class SoftScorecard:
         return self._body[key]
 
     # -- the steps of a score ---------------------------------------------------------------
+    def soft_items(self, device: torch.device) -> SoftItems:
+        """The soft items on ``device`` (:class:`~dosegym.scorecards.soft_items.SoftItems`), made once."""
+        key = str(device)
+        if key not in self._soft:
+            self._soft[key] = SoftItems(self.bound, device)
+        return self._soft[key]
+
     def metrics(self, dose_gy: Tensor, *, temperature: float | None = None) -> Tensor:
         """Metric values ``(B, n_items)`` of doses ``(B, Z, Y, X)`` (Gy) in each item's output
-        unit; exact when ``temperature`` is ``None``, else soft; NaN for unmatched items."""
+        unit; exact when ``temperature`` is ``None``, else soft (all items at once, by
+        :class:`~dosegym.scorecards.soft_items.SoftItems`); NaN for unmatched items."""
+        if temperature is not None:
+            return self.soft_items(dose_gy.device).metrics(dose_gy, temperature)
         case = self.bound.case
         cols = []
         for i, (item, t) in enumerate(zip(self.items, self.item_tensors(dose_gy.device))):
@@ -125,17 +137,16 @@ class SoftScorecard:
                     torch.full((dose_gy.shape[0],), math.nan, dtype=dose_gy.dtype, device=dose_gy.device)
                 )
                 continue
-            kw = dict(
-                voxel_volume_cc=case.voxel_volume_cc,
-                rx_gy=self.bound.reference_gy,
-                body=t.body,
-                occupancy=t.occupancy,
-            )
             try:
-                if temperature is None:
-                    value = compute_metric_torch(item.spec, dose_gy, t.mask, **kw)
-                else:
-                    value = soft_metric_torch(item.spec, dose_gy, t.mask, temperature=temperature, **kw)
+                value = compute_metric_torch(
+                    item.spec,
+                    dose_gy,
+                    t.mask,
+                    voxel_volume_cc=case.voxel_volume_cc,
+                    rx_gy=self.bound.reference_gy,
+                    body=t.body,
+                    occupancy=t.occupancy,
+                )
             except ScorecardError as exc:
                 raise ScorecardError(f"{item.describe(i)}: {exc}") from None
             cols.append(value.to(dose_gy.dtype))
@@ -199,21 +210,33 @@ class SoftScorecard:
         through it); ``scored_gy`` ``(1, Z, Y, X)``: the dose whose normalised item scores are
         returned (detached). Returns item scores ``(n_items,)`` and directions
         ``(n_groups, *x.shape[1:])``, each scaled to a largest change of 1 (zero for empty
-        groups and where the objective is flat)."""
-        with torch.enable_grad():
-            # one batched evaluation: [dose_gy (for gradients), scored_gy (the scores)]
-            both = self.metrics(torch.cat([dose_gy, scored_gy]), temperature=temperature)
-            metrics = both[:1]
-            dirs = torch.zeros((len(GROUP_NAMES), *x.shape[1:]), dtype=x.dtype, device=x.device)
-            live = [g for g, idx in enumerate(self.groups) if idx]
+        groups and where the objective is flat).
+
+        No backward pass over the soft metrics: the groups' gradients with respect to the
+        primitives come from one batched backward through the items' formulas, and are
+        spread onto the grid with the primitives' closed-form gradients
+        (:meth:`SoftItems.primitives`); one batched backward then takes them to ``x``."""
+        soft = self.soft_items(dose_gy.device)
+        both = soft.check(torch.cat([dose_gy.detach(), scored_gy.detach()]), temperature)
+        values, jac = soft.primitives(both.reshape(2, -1), float(temperature), jacobian=True)
+        dirs = torch.zeros((len(GROUP_NAMES), *x.shape[1:]), dtype=x.dtype, device=x.device)
+        live = [g for g, idx in enumerate(self.groups) if idx]
+        if live:
+            weights = torch.zeros((len(live), 1, len(self.items)), dtype=both.dtype, device=x.device)
             for n, g in enumerate(live):
                 idx = self.groups[g]
-                slope = torch.as_tensor(self.slopes[idx], dtype=metrics.dtype, device=x.device)
-                objective = (metrics[0, idx] * slope).sum()
-                (grad,) = torch.autograd.grad(objective, x, retain_graph=n < len(live) - 1)
-                peak = grad.abs().max()
-                if float(peak) > 0:
-                    dirs[g] = (grad / peak)[0]
+                weights[n, 0, idx] = torch.as_tensor(self.slopes[idx], dtype=both.dtype, device=x.device)
+            with torch.enable_grad():
+                primitives = values[:1].requires_grad_(True)
+                metrics = soft.item_values(primitives, both.dtype)
+                (per_primitive,) = torch.autograd.grad(metrics, primitives, weights, is_grads_batched=True)
+                grid = soft.scatter(per_primitive[:, 0, :, None] * jac[0]).to(dose_gy.dtype)
+                (grad,) = torch.autograd.grad(
+                    dose_gy, x, grid.view(len(live), *dose_gy.shape), is_grads_batched=True
+                )
+            peak = grad.abs().amax(dim=tuple(range(1, grad.ndim)), keepdim=True)
+            scaled = torch.where(peak > 0, grad / torch.where(peak > 0, peak, 1.0), 0.0)
+            dirs[live] = scaled[:, 0]
         with torch.no_grad():
-            items = self.item_scores(self.points(both[1:].detach()))
+            items = self.item_scores(self.points(soft.item_values(values[1:], both.dtype)))
         return items[0], dirs
