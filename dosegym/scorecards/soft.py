@@ -12,8 +12,8 @@ converge to the exact metric as ``tau -> 0``:
   ``R_k(x) = tau / h_k * [softplus((d_{k-1} - x) / tau) - softplus((d_k - x) / tau)]``,
   ``h_k = d_{k-1} - d_k``, and ``V_soft(x) = sum_k w_k R_k(x)`` (strictly decreasing in x).
   ``D_soft(v)`` solves ``V_soft(x) = v`` without gradient (a safeguarded Newton search in a
-  bracket around the exact root, :func:`soft_root`), then takes one Newton
-  step ``x - (V_soft(x) - v) / V_soft'(x)`` inside autograd: the value is the root and the
+  bracket around the exact root, :func:`~dosegym.scorecards.soft_root.soft_root_window`), then
+  takes one Newton step ``x - (V_soft(x) - v) / V_soft'(x)`` inside autograd: the value is the root and the
   gradient is exactly the implicit-function one,
   ``dD/dd_i = -(dV_soft/dd_i) / V_soft'(x)``, spread over the voxels whose doses lie within a
   few ``tau`` of the root. ``D(0) = max`` and ``D(V) = min`` use the soft max / min below.
@@ -38,41 +38,15 @@ from dosegym.errors import ScorecardError
 from dosegym.scorecards.curve import check_curve
 from dosegym.scorecards.metrics import NEEDS_BODY, MetricSpec, evaluate_spec
 from dosegym.scorecards.metrics_torch import as_batch, gather, structure_values, torch_ratio
+from dosegym.scorecards.soft_root import RAMP_AS_STEP, soft_root_window
 
 Tensor = torch.Tensor
-_MAX_ITERATIONS = 200  # safeguarded Newton steps of the soft Dx root (it stops at convergence)
-_BRACKET = 8.0  # the soft Dx root is looked for within this many tau of the exact one's ramp
-_SATURATED = 36.0  # ramps this many tau beyond the bracket count as exactly w or 0 in the search
-_TOLERANCE = 1e-9  # Newton step (in tau) at which the root search stops: the last step squares it
-_RAMP_AS_STEP = 1e-6  # ramps narrower than this many tau are treated as a step at their middle
 
 
-def _volume_and_slope(
-    x: Tensor, lower: Tensor, upper: Tensor, w: Tensor, coef: Tensor, step: Tensor, tau: float
-) -> tuple[Tensor, Tensor]:
-    """``V_soft(x)`` and ``dV_soft/dx`` (``(B,)`` each) of the ramps given, in one pass: the
-    formulas of :func:`soft_volume` with ``softplus(z) = relu(z) + log1p(e^-|z|)`` and
-    ``sigmoid`` from the same ``e^-|z|`` (``coef = tau / h``, ``step``: ramps taken as steps)."""
-    xu = (upper - x) / tau
-    xl = (lower - x) / tau
-    eu, el = torch.exp(-xu.abs()), torch.exp(-xl.abs())
-    tu, tl = torch.log1p(eu), torch.log1p(el)
-    ramp = torch.where(xl >= 0, 1.0 + coef * (tu - tl), coef * (xu.clamp(min=0) + tu - tl))
-    su = torch.where(xu >= 0, 1.0 / (1.0 + eu), eu / (1.0 + eu))
-    sl = torch.where(xl >= 0, 1.0 / (1.0 + el), el / (1.0 + el))
-    slope = -(su - sl) * (coef / tau)
-    mz = 0.5 * (xu + xl)
-    em = torch.exp(-mz.abs())
-    mid = torch.where(mz >= 0, 1.0 / (1.0 + em), em / (1.0 + em))
-    ramp = torch.where(step, mid, ramp)
-    slope = torch.where(step, -mid * (1.0 - mid) / tau, slope)
-    return (ramp * w).sum(dim=1), (slope * w).sum(dim=1)
-
-
-def soft_ramps(x: Tensor, lower: Tensor, upper: Tensor, tau: float) -> Tensor:
-    """Each logistic-smoothed ramp ``R_k(x)`` ``(B, n)`` (in [0, 1]) at ``x`` ``(B, 1)``."""
+def soft_volume(x: Tensor, lower: Tensor, upper: Tensor, w: Tensor, tau: float) -> Tensor:
+    """``V_soft(x)`` for ``x`` ``(B, 1)``: sum of logistic-smoothed ramps, ``(B,)``."""
     h = upper - lower
-    step = h < _RAMP_AS_STEP * tau
+    step = h < RAMP_AS_STEP * tau
     h_safe = torch.where(step, torch.ones_like(h), h)
     xu = (upper - x) / tau
     xl = (lower - x) / tau
@@ -80,32 +54,8 @@ def soft_ramps(x: Tensor, lower: Tensor, upper: Tensor, tau: float) -> Tensor:
     below = 1.0 + tau / h_safe * (F.softplus(-xu) - F.softplus(-xl))
     above = tau / h_safe * (F.softplus(xu) - F.softplus(xl))
     ramp = torch.where(xl >= 0, below, above)
-    return torch.where(step, torch.sigmoid(0.5 * (xu + xl)), ramp)
-
-
-def soft_volume(x: Tensor, lower: Tensor, upper: Tensor, w: Tensor, tau: float) -> Tensor:
-    """``V_soft(x)`` for ``x`` ``(B, 1)``: sum of logistic-smoothed ramps, ``(B,)``."""
-    return (soft_ramps(x, lower, upper, tau) * w).sum(dim=1)
-
-
-def soft_ramp_gradients(
-    x: Tensor, lower: Tensor, upper: Tensor, w: Tensor, tau: float
-) -> tuple[Tensor, Tensor]:
-    """``(w_k dR_k/d lower_k, w_k dR_k/d upper_k)`` ``(B, n)`` at ``x`` ``(B, 1)``: with
-    ``R_k`` the mean of ``sigmoid((d - x) / tau)`` over ``[lower_k, upper_k]``, ``dR/du =
-    (sigmoid_u - R) / h`` and ``dR/dl = (R - sigmoid_l) / h``; a ramp taken as a step (its
-    sigmoid at the middle) gives half its slope to each end."""
-    h = upper - lower
-    step = h < _RAMP_AS_STEP * tau
-    h_safe = torch.where(step, torch.ones_like(h), h)
-    xu = (upper - x) / tau
-    xl = (lower - x) / tau
-    ramp = soft_ramps(x, lower, upper, tau)
-    g_upper = (torch.sigmoid(xu) - ramp) / h_safe
-    g_lower = (ramp - torch.sigmoid(xl)) / h_safe
-    mid = torch.sigmoid(0.5 * (xu + xl))
-    half = 0.5 * mid * (1.0 - mid) / tau
-    return torch.where(step, half, g_lower) * w, torch.where(step, half, g_upper) * w
+    ramp = torch.where(step, torch.sigmoid(0.5 * (xu + xl)), ramp)
+    return (ramp * w).sum(dim=1)
 
 
 def volume_cc(volume: float, unit: str, total_cc: float) -> float:
@@ -129,7 +79,7 @@ def volume_in(vol_cc: Tensor, unit: str, total_cc: float) -> Tensor:
 def soft_volume_slope(x: Tensor, lower: Tensor, upper: Tensor, w: Tensor, tau: float) -> Tensor:
     """``dV_soft/dx`` (negative), ``(B,)``."""
     h = upper - lower
-    step = h < _RAMP_AS_STEP * tau
+    step = h < RAMP_AS_STEP * tau
     h_safe = torch.where(step, torch.ones_like(h), h)
     xu = (upper - x) / tau
     xl = (lower - x) / tau
@@ -137,82 +87,6 @@ def soft_volume_slope(x: Tensor, lower: Tensor, upper: Tensor, w: Tensor, tau: f
     mid = torch.sigmoid(0.5 * (xu + xl))
     slope = torch.where(step, -mid * (1.0 - mid) / tau, slope)
     return (slope * w).sum(dim=1)
-
-
-def soft_root(v: float | Tensor, lower: Tensor, upper: Tensor, w: Tensor, tau: float) -> Tensor:
-    """The root ``x`` ``(B, 1)`` of ``V_soft(x) = v`` (no gradient), to float64 precision, for
-    the ramps ``(B, n)`` of each row; ``v`` (cc): one volume, or one per row ``(B, 1)``.
-
-    Bracket: the exact (unsmoothed) root lies in voxel ``k``'s ramp ``[d_k, d_{k-1}]`` with
-    ``C_k`` the first cumulative volume ``>= v``; the soft root lies within a few ``tau``
-    of it. ``[d_k - A tau, d_{k-1} + A tau]`` is checked on the full set (``V_soft(lo) > v
-    >= V_soft(hi)``, as bisection keeps it); a row where it fails gets the wide bracket
-    ``[min - 50 tau, max + 50 tau]`` (which always holds). Inside it, a safeguarded Newton
-    iteration (the secant of the bracket's ends, else its midpoint, whenever Newton would
-    leave the bracket; the bracket shrinks at every step) runs on the ramps
-    that are not saturated within ``_SATURATED`` tau of the bracket: ramps wholly above it
-    contribute ``w`` (their weights are summed once), wholly below 0, both to
-    ``e^-_SATURATED`` relative. The caller's Newton step on the full set then lands on the
-    root of ``V_soft`` itself (quadratically)."""
-    b, n = lower.shape
-    c = torch.cumsum(w, dim=1)
-    vc = torch.as_tensor(v, dtype=c.dtype, device=c.device).reshape(-1, 1).expand(b, 1).contiguous()
-    vr = vc[:, 0]
-    k = torch.searchsorted(c, vc).clamp(max=n - 1)
-    lo = lower.gather(1, k) - _BRACKET * tau
-    hi = upper.gather(1, k) + _BRACKET * tau
-    f_lo = (soft_volume(lo, lower, upper, w, tau) - vr)[:, None]  # V_soft - v at the ends
-    f_hi = (soft_volume(hi, lower, upper, w, tau) - vr)[:, None]
-    ok = (f_lo > 0) & (f_hi <= 0)
-    if not bool(ok.all()):
-        lo = torch.where(ok, lo, lower.amin(dim=1, keepdim=True) - 50.0 * tau)
-        hi = torch.where(ok, hi, upper.amax(dim=1, keepdim=True) + 50.0 * tau)
-        f_lo = torch.where(ok, f_lo, soft_volume(lo, lower, upper, w, tau)[:, None] - vc)
-        f_hi = torch.where(ok, f_hi, soft_volume(hi, lower, upper, w, tau)[:, None] - vc)
-    # the unsaturated ramps: a contiguous run [i0, i1) of the descending-sorted ramps
-    i0 = (lower >= hi + _SATURATED * tau).sum(dim=1, keepdim=True)
-    i1 = (upper > lo - _SATURATED * tau).sum(dim=1, keepdim=True)
-    count = (i1 - i0).clamp(min=0)
-    span = max(int(count.max()), 1)
-    pos = torch.arange(span, device=lower.device)[None, :]
-    idx = (i0 + pos).clamp(max=n - 1)
-    valid = pos < count
-    sl, su = lower.gather(1, idx), upper.gather(1, idx)
-    sw = torch.where(valid, w.gather(1, idx), torch.zeros((), dtype=w.dtype, device=w.device))
-    above = torch.where(i0 > 0, c.gather(1, (i0 - 1).clamp(min=0)), torch.zeros_like(lo)).squeeze(1)
-    h = su - sl
-    step = h < _RAMP_AS_STEP * tau
-    coef = tau / torch.where(step, torch.ones_like(h), h)
-    # start from the exact root (V linear along ramp k, from C_k at d_k to C_k - w_k)
-    wk, ck = w.gather(1, k), c.gather(1, k)
-    dk, uk = lower.gather(1, k), upper.gather(1, k)
-    x = dk + ((ck - vc) / torch.where(wk > 0, wk, torch.ones_like(wk))).clamp(0.0, 1.0) * (uk - dk)
-    x = torch.where((x > lo) & (x < hi), x, 0.5 * (lo + hi))
-    again = None
-    for _ in range(_MAX_ITERATIONS):
-        vol, dvol = _volume_and_slope(x, sl, su, sw, coef, step, tau)
-        vol = vol + above
-        f = (vol - vr)[:, None]
-        too_much = f > 0
-        lo, f_lo = torch.where(too_much, x, lo), torch.where(too_much, f, f_lo)
-        hi, f_hi = torch.where(too_much, hi, x), torch.where(too_much, f_hi, f)
-        if again is not None:  # Illinois: the end kept twice has its f halved (for the secant)
-            same = too_much == again
-            f_hi = torch.where(same & too_much, 0.5 * f_hi, f_hi)
-            f_lo = torch.where(same & ~too_much, 0.5 * f_lo, f_lo)
-        again = too_much
-        newton = x - f / dvol[:, None]
-        inside = (newton >= lo) & (newton <= hi)  # x itself is an end: >=, not >
-        # Newton leaving the bracket: the secant of its ends, else the midpoint
-        secant = lo + f_lo / (f_lo - f_hi) * (hi - lo)
-        secant = torch.where((secant > lo) & (secant < hi), secant, 0.5 * (lo + hi))
-        new = torch.where(inside, newton, secant)
-        tol = _TOLERANCE * tau
-        done = (inside & ((newton - x).abs() <= tol)) | (hi - lo <= tol)
-        x = new
-        if bool(done.all()):
-            break
-    return x
 
 
 class SoftDVH:
@@ -279,7 +153,8 @@ class SoftDVH:
         return soft_volume_slope(x, lower, upper, w, self.tau)
 
     def _root(self, v: float, lower: Tensor, upper: Tensor, w: Tensor) -> Tensor:
-        return soft_root(v, lower, upper, w, self.tau)
+        """The root of ``V_soft = v`` (:func:`~dosegym.scorecards.soft_root.soft_root_window`)."""
+        return soft_root_window(v, lower, w, self.tau)[0]
 
     def dose_at_volume(self, volume: float, unit: str = "%") -> Tensor:
         v = volume_cc(volume, unit, self.total_volume_cc)

@@ -36,19 +36,13 @@ from dosegym.errors import ScorecardError
 from dosegym.scorecards.bound import BoundScorecard
 from dosegym.scorecards.metrics import NEEDS_BODY, evaluate_spec
 from dosegym.scorecards.metrics_torch import torch_ratio
-from dosegym.scorecards.soft import (
-    check_temperature,
-    soft_ramp_gradients,
-    soft_root,
-    soft_volume,
-    soft_volume_slope,
-    volume_cc,
-    volume_in,
-)
+from dosegym.scorecards.soft import check_temperature, volume_cc, volume_in
+from dosegym.scorecards.soft_root import soft_root_window
 
 Tensor = torch.Tensor
 Key = tuple[str, int, float]  # (primitive kind, structure index, argument: cc for dx, Gy for vx)
 KINDS = ("dx", "vx", "max", "min", "wsum")  # the primitive kinds, in their column order
+_TOLERANCE = 1e-6  # the D(v) search's last Newton step (tau): the final step squares its error
 
 
 class _ItemDVH:
@@ -209,28 +203,29 @@ class SoftItems:
     def _dose_at_volume(self, vals: Tensor, tau: float, jacobian: bool) -> tuple[Tensor, Tensor | None]:
         """Soft ``D(v)`` of every dx primitive, ``(B, R)``, and its gradient ``(B, R, L)``: the
         structures sorted once, all roots in one search, then the Newton step of
-        :meth:`SoftDVH.dose_at_volume` (value) and its implicit-function gradient."""
+        :meth:`SoftDVH.dose_at_volume` (the value) and its implicit-function gradient, both on
+        the search's window (the ramps it leaves out are saturated to ``e^-36``)."""
         u = torch.tensor(self.dx_sorted, dtype=torch.int64, device=vals.device)
         b, length = vals.shape[0], vals.shape[2]
         valid = self.valid[u]
         d, order = torch.sort(torch.where(valid, vals[:, u], -torch.inf), dim=2, descending=True, stable=True)
-        last = d.gather(2, (self.count[u] - 1)[None, :, None].expand(b, -1, 1))
-        lower = torch.where(valid, d, last)  # padding: ramps of weight 0 at the structure's minimum
-        upper = torch.cat([lower[..., :1], lower[..., :-1]], dim=2)
+        d = torch.where(
+            valid, d, d.gather(2, (self.count[u] - 1)[None, :, None].expand(b, -1, 1))
+        )  # pad: min
         w = self.weight[u].expand(b, -1, -1).gather(2, order)
         r = len(self.dx_pos)
-        lo, up, ww, od = (t[:, self.dx_pos].reshape(b * r, length) for t in (lower, upper, w, order))
+        lower, ww, od = (t[:, self.dx_pos].reshape(b * r, length) for t in (d, w, order))
+        lengths = self.count[u][self.dx_pos].repeat(b)
         v = self.args["dx"].repeat(b)[:, None]
-        root = soft_root(v, lo, up, ww, tau)
-        slope = soft_volume_slope(root, lo, up, ww, tau)
-        slope = torch.where(slope < 0, slope, torch.full_like(slope, -1e-300))
-        value = (root[:, 0] - (soft_volume(root, lo, up, ww, tau) - v[:, 0]) / slope).view(b, r)
+        root, window = soft_root_window(v, lower, ww, tau, lengths=lengths, tolerance=_TOLERANCE)
+        terms = window.terms(root, gradients=jacobian)
+        slope = torch.where(terms[1] < 0, terms[1], torch.full_like(terms[1], -1e-300))
+        value = (root[:, 0] - (terms[0] - v[:, 0]) / slope).view(b, r)
         if not jacobian:
             return value, None
-        g_lower, g_upper = soft_ramp_gradients(root, lo, up, ww, tau)
-        g = g_lower + torch.cat([g_upper[:, 1:], torch.zeros_like(g_upper[:, :1])], dim=1)
-        g[:, 0] += g_upper[:, 0]  # the first ramp's upper end is the highest dose itself
-        jac = torch.zeros_like(g).scatter_(1, od, -g / slope[:, None])
+        voxel = window.row * length + od.reshape(-1)[window.knot]
+        jac = torch.zeros(b * r * length, dtype=vals.dtype, device=vals.device)
+        jac.index_add_(0, voxel, -terms[2] / slope[window.row])
         return value, jac.view(b, r, length)
 
     def _raise_nan(self, vals: Tensor) -> None:
