@@ -41,8 +41,18 @@ class SoftScorer:
 
     def group_directions(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Item scores ``(n_items,)`` of x̂0 ``(1, C, Z, Y, X)`` and each objective group's ascent
-        direction there, ``(n_groups, C, Z, Y, X)`` (:meth:`SoftScorecard.group_directions`)."""
-        x = x0.detach().clone().requires_grad_(True)
-        with torch.enable_grad():
-            dose = self.dose_gy(x, clamp=False)
-        return self.soft.group_directions(x, dose, self.dose_gy(x.detach()), temperature=self.temperature_gy)
+        direction there, ``(n_groups, C, Z, Y, X)`` (:meth:`SoftScorecard.group_directions`):
+        the gradient of the unclamped dose, ``d dose / d x[:, 0] = unit_gy * body``, so only
+        channel 0 moves."""
+        x = x0.detach()
+        body = self.soft.body(x.device)
+        gain = torch.full(x.shape[2:], self.unit_gy, dtype=x.dtype, device=x.device)
+        gain = gain if body is None else gain * body.to(x.dtype)
+        items, dirs = self.soft.group_directions(
+            self.dose_gy(x, clamp=False), self.dose_gy(x), temperature=self.temperature_gy, gain=gain
+        )
+        if x.shape[1] == 1:
+            return items, dirs[:, None]
+        out = torch.zeros((dirs.shape[0], *x.shape[1:]), dtype=dirs.dtype, device=dirs.device)
+        out[:, 0] = dirs
+        return items, out

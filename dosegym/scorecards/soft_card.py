@@ -201,42 +201,44 @@ class SoftScorecard:
 
     # -- guidance ---------------------------------------------------------------------------
     def group_directions(
-        self, x: Tensor, dose_gy: Tensor, scored_gy: Tensor, *, temperature: float
+        self, dose_gy: Tensor, scored_gy: Tensor, *, temperature: float, gain: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
-        """Ascent directions of each objective group with respect to ``x`` (a leaf tensor that
-        requires grad, batch 1), and item scores.
+        """Item scores and the ascent direction of each objective group.
 
-        ``dose_gy`` ``(1, Z, Y, X)``: Gy computed from ``x`` (its graph kept; the gradient flows
-        through it); ``scored_gy`` ``(1, Z, Y, X)``: the dose whose normalised item scores are
-        returned (detached). Returns item scores ``(n_items,)`` and directions
-        ``(n_groups, *x.shape[1:])``, each scaled to a largest change of 1 (zero for empty
-        groups and where the objective is flat).
+        ``dose_gy`` ``(1, Z, Y, X)``: the dose (Gy) where the gradients are taken; ``gain``
+        ``(Z, Y, X)``: ``d dose / d u`` of the variable ``u`` guided, of which the dose is an
+        elementwise function (``None``: the dose itself); ``scored_gy`` ``(1, Z, Y, X)``: the
+        dose whose normalised item scores are returned. Returns item scores ``(n_items,)`` and
+        directions in ``u`` ``(n_groups, Z, Y, X)``, each scaled to a largest change of 1
+        (zero for empty groups and where the objective is flat).
 
-        No backward pass over the soft metrics: the groups' gradients with respect to the
-        primitives come from one batched backward through the items' formulas, and are
-        spread onto the grid with the primitives' closed-form gradients
-        (:meth:`SoftItems.primitives`); one batched backward then takes them to ``x``."""
+        No backward pass over the soft metrics nor the grid: one batched backward through the
+        items' formulas gives each group's gradient with respect to the primitives, which the
+        primitives' closed-form gradients (:meth:`SoftItems.primitives`) spread onto the
+        structures' voxels."""
         soft = self.soft_items(dose_gy.device)
-        both = soft.check(torch.cat([dose_gy.detach(), scored_gy.detach()]), temperature)
-        values, jac = soft.primitives(both.reshape(2, -1), float(temperature), jacobian=True)
-        dirs = torch.zeros((len(GROUP_NAMES), *x.shape[1:]), dtype=x.dtype, device=x.device)
+        dose = soft.check(dose_gy.detach(), temperature)
+        scored = soft.check(scored_gy.detach(), temperature)
+        gathered = soft.gather(torch.cat([dose, scored]).reshape(2, -1))
+        same = bool(torch.equal(gathered[0], gathered[1]))  # no voxel of a structure differs
+        values, jac = soft.primitives(gathered[:1] if same else gathered, float(temperature), jacobian=True)
+        dirs = torch.zeros((len(GROUP_NAMES), dose.shape[1:].numel()), dtype=dose.dtype, device=dose.device)
         live = [g for g, idx in enumerate(self.groups) if idx]
         if live:
-            weights = torch.zeros((len(live), 1, len(self.items)), dtype=both.dtype, device=x.device)
+            weights = torch.zeros((len(live), 1, len(self.items)), dtype=dose.dtype, device=dose.device)
             for n, g in enumerate(live):
                 idx = self.groups[g]
-                weights[n, 0, idx] = torch.as_tensor(self.slopes[idx], dtype=both.dtype, device=x.device)
+                weights[n, 0, idx] = torch.as_tensor(self.slopes[idx], dtype=dose.dtype, device=dose.device)
             with torch.enable_grad():
                 primitives = values[:1].requires_grad_(True)
-                metrics = soft.item_values(primitives, both.dtype)
+                metrics = soft.item_values(primitives, dose.dtype)
                 (per_primitive,) = torch.autograd.grad(metrics, primitives, weights, is_grads_batched=True)
-                grid = soft.scatter(per_primitive[:, 0, :, None] * jac[0]).to(dose_gy.dtype)
-                (grad,) = torch.autograd.grad(
-                    dose_gy, x, grid.view(len(live), *dose_gy.shape), is_grads_batched=True
-                )
-            peak = grad.abs().amax(dim=tuple(range(1, grad.ndim)), keepdim=True)
-            scaled = torch.where(peak > 0, grad / torch.where(peak > 0, peak, 1.0), 0.0)
-            dirs[live] = scaled[:, 0]
-        with torch.no_grad():
-            items = self.item_scores(self.points(soft.item_values(values[1:], both.dtype)))
-        return items[0], dirs
+            grad = soft.compact(per_primitive[:, 0, :, None] * jac[0])
+            if gain is not None:
+                grad = grad * gain.reshape(-1)[soft.union].to(grad.dtype)
+            peak = grad.abs().amax(dim=1, keepdim=True)
+            grad = torch.where(peak > 0, grad / torch.where(peak > 0, peak, 1.0), 0.0)
+            rows = torch.tensor(live, device=dose.device)[:, None]
+            dirs[rows, soft.union[None, :]] = grad.to(dose.dtype)
+        items = self.item_scores(self.points(soft.item_values(values[-1:], dose.dtype)))
+        return items[0], dirs.view(len(GROUP_NAMES), *dose.shape[1:])

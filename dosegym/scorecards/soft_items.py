@@ -88,7 +88,8 @@ class SoftItems:
     """The soft primitives and items of one binding on one device (see the module docstring).
 
     ``index`` ``(S, L)``: flat grid indices of each structure's voxels (padded), ``weight``
-    ``(S, L)`` their volumes in cc (0 on padding); ``columns``: each primitive's column."""
+    ``(S, L)`` their volumes in cc (0 on padding); ``columns``: each primitive's column;
+    ``union``: the flat indices of all structures' voxels."""
 
     def __init__(self, bound: BoundScorecard, device: torch.device) -> None:
         case = bound.case
@@ -141,6 +142,8 @@ class SoftItems:
         self.rows = {kind: [k for k in keys if k[0] == kind] for kind in KINDS}
         struct = torch.tensor([k[1] for k in keys], dtype=torch.int64, device=device)
         self.primitive_index = self.index[struct]  # (n_primitives, L)
+        self.union = torch.unique(self.index)  # every voxel some primitive reads, ascending
+        self.primitive_pos = torch.searchsorted(self.union, self.primitive_index)  # its place there
         dx = self.rows["dx"]
         self.dx_sorted = sorted({k[1] for k in dx})  # the structures sorted for D(v)
         self.dx_pos = torch.tensor([self.dx_sorted.index(k[1]) for k in dx], dtype=torch.int64, device=device)
@@ -169,14 +172,20 @@ class SoftItems:
             raise ScorecardError(f"{self.what[i]}: {exc}") from None
 
     # -- primitives -------------------------------------------------------------------------
-    def primitives(self, flat: Tensor, tau: float, *, jacobian: bool) -> tuple[Tensor, Tensor | None]:
-        """The primitives ``(B, n_primitives)`` (float64) of flat doses ``(B, N)`` (Gy), and with
-        ``jacobian`` their gradients ``(B, n_primitives, L)`` on :attr:`primitive_index`."""
-        b = flat.shape[0]
-        vals = flat.detach().index_select(1, self.index.reshape(-1)).reshape(b, *self.index.shape)
+    def gather(self, flat: Tensor) -> Tensor:
+        """The structures' voxel doses ``(B, S, L)`` of flat doses ``(B, N)`` (Gy); a NaN among
+        them raises ``ScorecardError`` naming the first item that reads it."""
+        vals = flat.detach().index_select(1, self.index.reshape(-1)).reshape(flat.shape[0], *self.index.shape)
         if bool(torch.isnan(vals).any()):
             self._raise_nan(vals)
-        vals = vals.double()
+        return vals
+
+    def primitives(self, gathered: Tensor, tau: float, *, jacobian: bool) -> tuple[Tensor, Tensor | None]:
+        """The primitives ``(B, n_primitives)`` (float64) of gathered doses ``(B, S, L)``
+        (:meth:`gather`), and with ``jacobian`` their gradients ``(B, n_primitives, L)`` on
+        :attr:`primitive_index`."""
+        b = gathered.shape[0]
+        vals = gathered.double()
         parts = []
         if self.rows["dx"]:
             parts.append(self._dose_at_volume(vals, tau, jacobian))
@@ -245,6 +254,18 @@ class SoftItems:
         )
         return out.index_add_(1, self.primitive_index.reshape(-1), contributions.reshape(k, -1))
 
+    def compact(self, contributions: Tensor) -> Tensor:
+        """Per-primitive voxel terms ``(K, n_primitives, L)`` summed onto the voxels of
+        :attr:`union` ``(K, U)``."""
+        out = torch.zeros(
+            (contributions.shape[0], self.union.numel()),
+            dtype=contributions.dtype,
+            device=contributions.device,
+        )
+        return out.index_add_(
+            1, self.primitive_pos.reshape(-1), contributions.reshape(contributions.shape[0], -1)
+        )
+
     # -- items ------------------------------------------------------------------------------
     def item_values(self, values: Tensor, dtype: torch.dtype) -> Tensor:
         """Item metrics ``(B, n_items)`` in ``dtype`` from the primitives ``(B, n_primitives)``
@@ -284,7 +305,7 @@ class SoftPrimitives(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, flat: Tensor, items: SoftItems, tau: float) -> Tensor:
-        values, jac = items.primitives(flat, tau, jacobian=bool(ctx.needs_input_grad[0]))
+        values, jac = items.primitives(items.gather(flat), tau, jacobian=bool(ctx.needs_input_grad[0]))
         ctx.items, ctx.jac, ctx.dtype = items, jac, flat.dtype
         return values
 
