@@ -13,7 +13,7 @@ from dosegym.data.case import Case
 from dosegym.diffusion.slots import Resampler
 from dosegym.scorecards.model_grid import model_grid_case
 from dosegym.scorecards.scorecard import Scorecard
-from dosegym.scorecards.soft_card import SoftScorecard
+from dosegym.scorecards.soft_card import GroupDirections, SoftScorecard
 
 
 class SoftScorer:
@@ -39,10 +39,10 @@ class SoftScorer:
         metrics = self.soft.metrics(self.dose_gy(x), temperature=self.temperature_gy)
         return self.soft.item_scores(self.soft.points(metrics))
 
-    def group_directions(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def guidance(self, x0: torch.Tensor) -> tuple[torch.Tensor, GroupDirections]:
         """Item scores ``(n_items,)`` of x̂0 ``(1, C, Z, Y, X)`` and each objective group's ascent
-        direction there, ``(n_groups, C, Z, Y, X)`` (:meth:`SoftScorecard.group_directions`):
-        the gradient of the unclamped dose, ``d dose / d x[:, 0] = unit_gy * body``, so only
+        direction there (:meth:`SoftScorecard.group_directions`, on ``(C, Z, Y, X)``): the
+        gradient of the unclamped dose, ``d dose / d x[:, 0] = unit_gy * body``, so only
         channel 0 moves."""
         x = x0.detach()
         body = self.soft.body(x.device)
@@ -51,8 +51,9 @@ class SoftScorer:
         items, dirs = self.soft.group_directions(
             self.dose_gy(x, clamp=False), self.dose_gy(x), temperature=self.temperature_gy, gain=gain
         )
-        if x.shape[1] == 1:
-            return items, dirs[:, None]
-        out = torch.zeros((dirs.shape[0], *x.shape[1:]), dtype=dirs.dtype, device=dirs.device)
-        out[:, 0] = dirs
-        return items, out
+        return items, dirs._replace(shape=tuple(x.shape[1:]))
+
+    def group_directions(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`guidance` with the directions on the grid, ``(n_groups, C, Z, Y, X)``."""
+        items, dirs = self.guidance(x0)
+        return items, dirs.dense()

@@ -53,6 +53,32 @@ class TorchScores(NamedTuple):
         return self.total / self.max_points[self.matched].sum()
 
 
+class GroupDirections(NamedTuple):
+    """Each objective group's ascent direction, nonzero only on the structures' voxels:
+    ``voxels`` ``(U,)`` flat indices into the grid (``shape``, C-order; only its first
+    ``Z * Y * X`` entries are reached, so a leading channel axis of ``shape`` is channel 0),
+    ``values`` ``(n_groups, U)`` (each group's largest change 1; zero rows for empty groups and
+    where the objective is flat)."""
+
+    voxels: Tensor
+    values: Tensor
+    shape: tuple[int, ...]
+
+    def combine(self, weights: Tensor) -> Tensor:
+        """``sum_g weights_g * direction_g`` on the grid, ``shape``; ``weights`` ``(n_groups,)``."""
+        out = torch.zeros(math.prod(self.shape), dtype=self.values.dtype, device=self.values.device)
+        out[self.voxels] = weights.to(self.values.dtype) @ self.values
+        return out.view(self.shape)
+
+    def dense(self) -> Tensor:
+        """The directions on the grid, ``(n_groups, *shape)``."""
+        out = torch.zeros(
+            (self.values.shape[0], math.prod(self.shape)), dtype=self.values.dtype, device=self.values.device
+        )
+        out[:, self.voxels] = self.values
+        return out.view(self.values.shape[0], *self.shape)
+
+
 class ItemTensors(NamedTuple):
     """An item's resolved masks on a device: ``mask``, ``body`` (metrics that need it) and
     ``occupancy`` (fractional, or ``None``)."""
@@ -202,15 +228,14 @@ class SoftScorecard:
     # -- guidance ---------------------------------------------------------------------------
     def group_directions(
         self, dose_gy: Tensor, scored_gy: Tensor, *, temperature: float, gain: Tensor | None = None
-    ) -> tuple[Tensor, Tensor]:
+    ) -> tuple[Tensor, GroupDirections]:
         """Item scores and the ascent direction of each objective group.
 
         ``dose_gy`` ``(1, Z, Y, X)``: the dose (Gy) where the gradients are taken; ``gain``
         ``(Z, Y, X)``: ``d dose / d u`` of the variable ``u`` guided, of which the dose is an
         elementwise function (``None``: the dose itself); ``scored_gy`` ``(1, Z, Y, X)``: the
         dose whose normalised item scores are returned. Returns item scores ``(n_items,)`` and
-        directions in ``u`` ``(n_groups, Z, Y, X)``, each scaled to a largest change of 1
-        (zero for empty groups and where the objective is flat).
+        the directions in ``u`` (:class:`GroupDirections` on the grid ``(Z, Y, X)``).
 
         No backward pass over the soft metrics nor the grid: one batched backward through the
         items' formulas gives each group's gradient with respect to the primitives, which the
@@ -222,7 +247,7 @@ class SoftScorecard:
         gathered = soft.gather(torch.cat([dose, scored]).reshape(2, -1))
         same = bool(torch.equal(gathered[0], gathered[1]))  # no voxel of a structure differs
         values, jac = soft.primitives(gathered[:1] if same else gathered, float(temperature), jacobian=True)
-        dirs = torch.zeros((len(GROUP_NAMES), dose.shape[1:].numel()), dtype=dose.dtype, device=dose.device)
+        dirs = torch.zeros((len(GROUP_NAMES), soft.union.numel()), dtype=dose.dtype, device=dose.device)
         live = [g for g, idx in enumerate(self.groups) if idx]
         if live:
             weights = torch.zeros((len(live), 1, len(self.items)), dtype=dose.dtype, device=dose.device)
@@ -237,8 +262,6 @@ class SoftScorecard:
             if gain is not None:
                 grad = grad * gain.reshape(-1)[soft.union].to(grad.dtype)
             peak = grad.abs().amax(dim=1, keepdim=True)
-            grad = torch.where(peak > 0, grad / torch.where(peak > 0, peak, 1.0), 0.0)
-            rows = torch.tensor(live, device=dose.device)[:, None]
-            dirs[rows, soft.union[None, :]] = grad.to(dose.dtype)
+            dirs[live] = torch.where(peak > 0, grad / torch.where(peak > 0, peak, 1.0), 0.0).to(dose.dtype)
         items = self.item_scores(self.points(soft.item_values(values[-1:], dose.dtype)))
-        return items[0], dirs.view(len(GROUP_NAMES), *dose.shape[1:])
+        return items[0], GroupDirections(soft.union, dirs, tuple(dose.shape[1:]))
