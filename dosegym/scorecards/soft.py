@@ -218,20 +218,42 @@ def soft_metric_torch(
 
 
 # -- piecewise-linear scoring curves ------------------------------------------------------
+def curve_tensors(
+    curves: Sequence[tuple[Sequence[float], Sequence[float]]], dtype: torch.dtype, device: torch.device
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Checked curves ``(xs, ys)`` as rows ``(K, P)`` (padded with their last point; a one-point
+    curve twice) and each row's last segment end ``(K, 1)``, for :func:`piecewise_linear_rows`."""
+    checked = [check_curve(xs, ys) for xs, ys in curves]
+    checked = [(np.repeat(px, 2), np.repeat(py, 2)) if px.size == 1 else (px, py) for px, py in checked]
+    width = max(px.size for px, _ in checked)
+    pad = [
+        (np.pad(px, (0, width - px.size), mode="edge"), np.pad(py, (0, width - py.size), mode="edge"))
+        for px, py in checked
+    ]
+    tx = torch.as_tensor(np.stack([px for px, _ in pad]), dtype=dtype, device=device)
+    ty = torch.as_tensor(np.stack([py for _, py in pad]), dtype=dtype, device=device)
+    last = torch.tensor([[px.size - 1] for px, _ in checked], device=device)
+    return tx, ty, last
+
+
+def piecewise_linear_rows(x: Tensor, tx: Tensor, ty: Tensor, last: Tensor) -> Tensor:
+    """Each row of ``x`` ``(K, B)`` along its curve (:func:`curve_tensors`), ``(K, B)``: the rule
+    of :func:`~dosegym.scorecards.curve.piecewise_linear`, differentiable in ``x`` almost
+    everywhere (the segment's slope inside, 0 where clamped)."""
+    xc = torch.clamp(x, tx[:, :1], tx.gather(1, last))
+    i = torch.minimum(torch.searchsorted(tx, xc.detach().contiguous(), right=True).clamp(min=1), last)
+    x0, x1, y0, y1 = tx.gather(1, i - 1), tx.gather(1, i), ty.gather(1, i - 1), ty.gather(1, i)
+    h = x1 - x0
+    t = torch.where(h > 0, (xc - x0) / torch.where(h > 0, h, torch.ones_like(h)), torch.ones_like(h))
+    return y0 + t * (y1 - y0) + 0.0 * xc  # 0 * xc: a NaN x stays NaN on a one-point curve
+
+
 def soft_piecewise_linear(x: Tensor, xs: Sequence[float], ys: Sequence[float]) -> Tensor:
     """The torch twin of :func:`~dosegym.scorecards.curve.piecewise_linear` (same rule),
     differentiable in ``x`` almost everywhere (slope of the segment inside, 0 where clamped)."""
-    px, py = check_curve(xs, ys)
     if not isinstance(x, torch.Tensor):
+        check_curve(xs, ys)
         raise ScorecardError(f"x must be a torch tensor, got {type(x).__name__}")
     xt = x if torch.is_floating_point(x) else x.double()
-    tx = torch.as_tensor(px, dtype=xt.dtype, device=xt.device)
-    ty = torch.as_tensor(py, dtype=xt.dtype, device=xt.device)
-    if px.size == 1:
-        return ty[0].expand_as(xt) + 0.0 * xt
-    xc = torch.clamp(xt, tx[0], tx[-1])
-    i = torch.searchsorted(tx, xc.detach().contiguous(), right=True).clamp(1, px.size - 1)
-    x0, x1, y0, y1 = tx[i - 1], tx[i], ty[i - 1], ty[i]
-    h = x1 - x0
-    t = torch.where(h > 0, (xc - x0) / torch.where(h > 0, h, torch.ones_like(h)), torch.ones_like(h))
-    return y0 + t * (y1 - y0)
+    curve = curve_tensors([(xs, ys)], xt.dtype, xt.device)
+    return piecewise_linear_rows(xt.reshape(1, -1), *curve).reshape(xt.shape)

@@ -31,7 +31,7 @@ from dosegym.errors import ScorecardError
 from dosegym.scorecards.bound import BoundScorecard
 from dosegym.scorecards.groups import GROUP_NAMES, objective_group
 from dosegym.scorecards.metrics_torch import compute_metric_torch
-from dosegym.scorecards.soft import soft_piecewise_linear
+from dosegym.scorecards.soft import curve_tensors, piecewise_linear_rows
 from dosegym.scorecards.soft_items import SoftItems
 
 Tensor = torch.Tensor
@@ -120,6 +120,7 @@ class SoftScorecard:
         self._tensors: dict[str, list[ItemTensors | None]] = {}
         self._body: dict[str, Tensor | None] = {}
         self._soft: dict[str, SoftItems] = {}
+        self._curves: dict[tuple[str, torch.dtype], tuple[Tensor, Tensor, Tensor]] = {}
 
     # -- masks on a device ------------------------------------------------------------------
     def item_tensors(self, device: torch.device) -> list[ItemTensors | None]:
@@ -180,14 +181,14 @@ class SoftScorecard:
 
     def points(self, metrics: Tensor) -> Tensor:
         """Points ``(B, n_items)`` of metric values along each item's curve (NaN for unmatched)."""
-        cols = []
-        for i, item in enumerate(self.items):
-            if not self.matched[i]:
-                cols.append(torch.full_like(metrics[:, i], math.nan))
-                continue
-            xs, ys = item.curve
-            cols.append(soft_piecewise_linear(metrics[:, i], xs, ys).to(metrics.dtype))
-        return torch.stack(cols, dim=1)
+        key = (str(metrics.device), metrics.dtype)
+        if key not in self._curves:
+            self._curves[key] = curve_tensors(
+                [item.curve for item in self.items], metrics.dtype, metrics.device
+            )
+        points = piecewise_linear_rows(metrics.T, *self._curves[key]).T
+        matched = torch.as_tensor(self.matched, device=metrics.device)
+        return torch.where(matched, points, torch.full_like(points, math.nan))
 
     def item_scores(self, points: Tensor) -> Tensor:
         """Normalised item scores ``(points - min) / (max - min)`` in [0, 1], ``(B, n_items)``."""
