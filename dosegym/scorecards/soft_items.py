@@ -42,7 +42,7 @@ from dosegym.scorecards.soft_root import soft_root_window
 Tensor = torch.Tensor
 Key = tuple[str, int, float]  # (primitive kind, structure index, argument: cc for dx, Gy for vx)
 KINDS = ("dx", "vx", "max", "min", "wsum")  # the primitive kinds, in their column order
-_TOLERANCE = 1e-6  # the D(v) search's last Newton step (tau): the final step squares its error
+_TOLERANCE = 1e-3  # the D(v) search's last Newton step (tau): two more square its error
 
 
 class _ItemDVH:
@@ -229,12 +229,12 @@ class SoftItems:
         root, window = soft_root_window(v, lower, ww, tau, lengths=lengths, tolerance=_TOLERANCE)
         terms = window.terms(root, gradients=jacobian)
         slope = torch.where(terms[1] < 0, terms[1], torch.full_like(terms[1], -1e-300))
-        value = (root[:, 0] - (terms[0] - v[:, 0]) / slope).view(b, r)
+        value = (root - (terms[0] - v) / slope).view(b, r)
         if not jacobian:
             return value, None
         voxel = window.row * length + od.reshape(-1)[window.knot]
         jac = torch.zeros(b * r * length, dtype=vals.dtype, device=vals.device)
-        jac.index_add_(0, voxel, -terms[2] / slope[window.row])
+        jac.index_add_(0, voxel, (-terms[2] / slope[window.row])[:, 0])
         return value, jac.view(b, r, length)
 
     def _raise_nan(self, vals: Tensor) -> None:

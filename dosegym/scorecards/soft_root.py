@@ -47,12 +47,11 @@ class RampWindow:
         self.knot = self.row * n + (i0[self.row] - 1 + pos).clamp(min=0)
         doses = lower.reshape(-1)[self.knot]
         self.rows, self.tau = rows, tau
-        self.scaled = doses / tau
+        self.scaled = (doses / tau)[:, None]
         same = self.row[1:] == self.row[:-1]
-        self.w = torch.where(
-            same, w.reshape(-1)[self.knot[1:]], torch.zeros((), dtype=w.dtype, device=w.device)
-        )
-        h = doses[:-1] - doses[1:]
+        zero = torch.zeros((), dtype=w.dtype, device=w.device)
+        self.w = torch.where(same, w.reshape(-1)[self.knot[1:]], zero)[:, None]  # columns (E - 1, 1)
+        h = (doses[:-1] - doses[1:])[:, None]
         self.step = h < RAMP_AS_STEP * tau
         self.inv_h = 1.0 / torch.where(self.step, torch.ones_like(h), h)
         self.coef = tau * self.inv_h
@@ -62,16 +61,16 @@ class RampWindow:
         )
 
     def _sum(self, per_ramp: Tensor) -> Tensor:
-        return torch.zeros(self.rows, dtype=per_ramp.dtype, device=per_ramp.device).index_add_(
-            0, self.ramp_row, per_ramp * self.w
-        )
+        out = torch.zeros((self.rows, per_ramp.shape[1]), dtype=per_ramp.dtype, device=per_ramp.device)
+        return out.index_add_(0, self.ramp_row, per_ramp * self.w)
 
     def terms(self, x: Tensor, *, gradients: bool = False) -> tuple[Tensor, ...]:
-        """``V_soft(x)`` and ``dV_soft/dx`` ``(R,)`` at ``x`` ``(R, 1)``; with ``gradients``
-        also ``dV_soft/dd`` at each knot ``(E,)`` (``softplus(z) = relu(z) + log1p(e^-|z|)`` and
-        ``sigmoid`` from the same ``e^-|z|``, once per knot; a step ramp is the mean of its
-        ends' sigmoids, its middle's to ``(h / tau)^2``)."""
-        z = self.scaled - (x[:, 0] / self.tau)[self.row]
+        """``V_soft`` and ``dV_soft/dx`` ``(R, m)`` at the points ``x`` ``(R, m)`` of each row;
+        with ``gradients`` (``m = 1``) also ``dV_soft/dd`` at each knot ``(E, 1)``
+        (``softplus(z) = relu(z) + log1p(e^-|z|)`` and ``sigmoid`` from the same ``e^-|z|``,
+        once per knot; a step ramp is the mean of its ends' sigmoids, its middle's to
+        ``(h / tau)^2``)."""
+        z = self.scaled - (x / self.tau)[self.row]
         e = torch.exp(-z.abs())
         t = torch.log1p(e)
         sig = torch.where(z >= 0, torch.ones_like(e), e) / (1.0 + e)
@@ -83,7 +82,7 @@ class RampWindow:
         ds = sig * (1.0 - sig)
         half = (0.25 / self.tau) * (ds[:-1] + ds[1:])  # dR/du = dR/dl of a step ramp
         slope = torch.where(self.step, -2.0 * half, (sl - su) * self.inv_h)
-        vol, dvol = self.above + self._sum(ramp), self._sum(slope)
+        vol, dvol = self.above[:, None] + self._sum(ramp), self._sum(slope)
         if not gradients:
             return vol, dvol
         # dR/du = (sigmoid_u - R) / h and dR/dl = (R - sigmoid_l) / h, each weighted by w
@@ -120,22 +119,20 @@ def soft_root_window(
     lengths = torch.full((rows,), n, device=lower.device) if lengths is None else lengths
     c = torch.cumsum(w, dim=1)
     vc = torch.as_tensor(v, dtype=c.dtype, device=c.device).reshape(-1, 1).expand(rows, 1).contiguous()
-    vr = vc[:, 0]
     k = torch.minimum(torch.searchsorted(c, vc), (lengths - 1)[:, None])
     upper = torch.cat([lower[:, :1], lower[:, :-1]], dim=1)
     lo = lower.gather(1, k) - _BRACKET * tau
     hi = upper.gather(1, k) + _BRACKET * tau
     window = RampWindow(lower, c, w, lo, hi, tau, lengths)
-    f_lo = (window.terms(lo)[0] - vr)[:, None]  # V_soft - v at the ends
-    f_hi = (window.terms(hi)[0] - vr)[:, None]
+    f_lo, f_hi = (window.terms(torch.cat([lo, hi], dim=1))[0] - vc).split(1, dim=1)  # V_soft - v
     ok = (f_lo > 0) & (f_hi <= 0)
     if not bool(ok.all()):
         last = lower.gather(1, (lengths - 1)[:, None])
         lo = torch.where(ok, lo, last - 50.0 * tau)
         hi = torch.where(ok, hi, lower[:, :1] + 50.0 * tau)
         window = RampWindow(lower, c, w, lo, hi, tau, lengths)
-        f_lo = torch.where(ok, f_lo, window.terms(lo)[0][:, None] - vc)
-        f_hi = torch.where(ok, f_hi, window.terms(hi)[0][:, None] - vc)
+        wide_lo, wide_hi = (window.terms(torch.cat([lo, hi], dim=1))[0] - vc).split(1, dim=1)
+        f_lo, f_hi = torch.where(ok, f_lo, wide_lo), torch.where(ok, f_hi, wide_hi)
     # start from the exact root (V linear along ramp k, from C_k at d_k to C_k - w_k)
     wk, ck = w.gather(1, k), c.gather(1, k)
     dk, uk = lower.gather(1, k), upper.gather(1, k)
@@ -148,7 +145,7 @@ def soft_root_window(
     again = None
     for _ in range(_MAX_ITERATIONS):
         vol, dvol = window.terms(x)
-        f = (vol - vr)[:, None]
+        f = vol - vc
         too_much = f > 0
         lo, f_lo = torch.where(too_much, x, lo), torch.where(too_much, f, f_lo)
         hi, f_hi = torch.where(too_much, hi, x), torch.where(too_much, f_hi, f)
@@ -158,7 +155,7 @@ def soft_root_window(
             f_lo = torch.where(same & ~too_much, 0.5 * f_lo, f_lo)
         again = too_much
         gap = torch.where(tail, f, -f)  # V (or W - V) minus its target
-        dgap = torch.where(tail, dvol[:, None], -dvol[:, None])
+        dgap = torch.where(tail, dvol, -dvol)
         newton = x - torch.log1p(gap / target) * (target + gap) / dgap
         inside = (newton >= lo) & (newton <= hi)  # x itself is an end: >=, not >
         # Newton leaving the bracket: the secant of its ends, else the midpoint
