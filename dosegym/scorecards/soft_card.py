@@ -259,7 +259,7 @@ class SoftScorecard:
                 primitives = values[:1].requires_grad_(True)
                 metrics = soft.item_values(primitives, dose.dtype)
                 (per_primitive,) = torch.autograd.grad(metrics, primitives, weights, is_grads_batched=True)
-            grad = soft.compact(per_primitive[:, 0, :, None] * jac[0])
+            grad = soft.compact(per_primitive[:, 0], jac[0])
             if gain is not None:
                 grad = grad * gain.reshape(-1)[soft.union].to(grad.dtype)
             peak = grad.abs().amax(dim=1, keepdim=True)

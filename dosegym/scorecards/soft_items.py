@@ -25,6 +25,7 @@ formulas on top are ordinary autograd on ``(B,)`` tensors.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -141,9 +142,12 @@ class SoftItems:
         self.columns = {k: j for j, k in enumerate(keys)}
         self.rows = {kind: [k for k in keys if k[0] == kind] for kind in KINDS}
         struct = torch.tensor([k[1] for k in keys], dtype=torch.int64, device=device)
-        self.primitive_index = self.index[struct]  # (n_primitives, L)
+        self.assign = torch.zeros((len(keys), len(structures)), dtype=torch.float64, device=device)
+        self.assign[torch.arange(len(keys), device=device), struct] = 1.0  # primitive -> structure
+        self.voxel_slot = torch.nonzero(self.valid.reshape(-1))[:, 0]  # the unpadded (S, L) slots
+        self.voxels = self.index.reshape(-1)[self.voxel_slot]  # their flat grid indices
         self.union = torch.unique(self.index)  # every voxel some primitive reads, ascending
-        self.primitive_pos = torch.searchsorted(self.union, self.primitive_index)  # its place there
+        self.voxel_union = torch.searchsorted(self.union, self.voxels)  # their place there
         dx = self.rows["dx"]
         self.dx_sorted = sorted({k[1] for k in dx})  # the structures sorted for D(v)
         self.dx_pos = torch.tensor([self.dx_sorted.index(k[1]) for k in dx], dtype=torch.int64, device=device)
@@ -183,7 +187,7 @@ class SoftItems:
     def primitives(self, gathered: Tensor, tau: float, *, jacobian: bool) -> tuple[Tensor, Tensor | None]:
         """The primitives ``(B, n_primitives)`` (float64) of gathered doses ``(B, S, L)``
         (:meth:`gather`), and with ``jacobian`` their gradients ``(B, n_primitives, L)`` on
-        :attr:`primitive_index`."""
+        their structure's voxels."""
         b = gathered.shape[0]
         vals = gathered.double()
         parts = []
@@ -246,25 +250,26 @@ class SoftItems:
                         f"{self.what[i]}: dose contains NaN: refusing to score ({spec.kind.value}: {what})"
                     )
 
-    def scatter(self, contributions: Tensor) -> Tensor:
-        """Per-primitive voxel terms ``(K, n_primitives, L)`` summed onto flat grids ``(K, N)``."""
-        k = contributions.shape[0]
-        out = torch.zeros(
-            (k, int(np.prod(self.shape))), dtype=contributions.dtype, device=contributions.device
-        )
-        return out.index_add_(1, self.primitive_index.reshape(-1), contributions.reshape(k, -1))
+    def _voxel_terms(self, weights: Tensor, jac: Tensor) -> Tensor:
+        """``sum_p weights[b, k, p] * jac[b, p]`` per structure voxel, ``(B * K, V)`` on the
+        voxels of :attr:`voxels` (``weights`` ``(B, K, P)``, ``jac`` ``(B, P, L)``)."""
+        per_structure = weights[..., None] * self.assign  # (B, K, P, S)
+        terms = torch.einsum("bkps,bpl->bksl", per_structure, jac)
+        return terms.reshape(terms.shape[0] * terms.shape[1], -1)[:, self.voxel_slot]
 
-    def compact(self, contributions: Tensor) -> Tensor:
-        """Per-primitive voxel terms ``(K, n_primitives, L)`` summed onto the voxels of
-        :attr:`union` ``(K, U)``."""
-        out = torch.zeros(
-            (contributions.shape[0], self.union.numel()),
-            dtype=contributions.dtype,
-            device=contributions.device,
-        )
-        return out.index_add_(
-            1, self.primitive_pos.reshape(-1), contributions.reshape(contributions.shape[0], -1)
-        )
+    def scatter(self, weights: Tensor, jac: Tensor) -> Tensor:
+        """``sum_p weights[:, p] * jac[:, p]`` on flat grids ``(B, N)`` (``weights`` ``(B, P)``,
+        ``jac`` ``(B, P, L)``)."""
+        terms = self._voxel_terms(weights[:, None], jac)
+        out = torch.zeros((terms.shape[0], math.prod(self.shape)), dtype=terms.dtype, device=terms.device)
+        return out.index_add_(1, self.voxels, terms)
+
+    def compact(self, weights: Tensor, jac: Tensor) -> Tensor:
+        """``sum_p weights[:, p] * jac[p]`` on the voxels of :attr:`union`, ``(K, U)``
+        (``weights`` ``(K, P)``, ``jac`` ``(P, L)``)."""
+        terms = self._voxel_terms(weights[None], jac[None])
+        out = torch.zeros((terms.shape[0], self.union.numel()), dtype=terms.dtype, device=terms.device)
+        return out.index_add_(1, self.voxel_union, terms)
 
     # -- items ------------------------------------------------------------------------------
     def item_values(self, values: Tensor, dtype: torch.dtype) -> Tensor:
@@ -312,7 +317,7 @@ class SoftPrimitives(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
-        return ctx.items.scatter(grad[:, :, None] * ctx.jac).to(ctx.dtype), None, None
+        return ctx.items.scatter(grad, ctx.jac).to(ctx.dtype), None, None
 
 
 def _structure(
