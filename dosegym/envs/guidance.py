@@ -26,6 +26,7 @@ class SoftScorer:
         self.soft = SoftScorecard(card.bind(mcase, on_unmatched="report"))
         self.unit_gy = float(res.rx_max_gy)
         self.temperature_gy = float(temperature_gy)
+        self._gain: dict[tuple[str, torch.dtype], torch.Tensor] = {}  # d dose / d x[:, 0], per device
 
     def dose_gy(self, x: torch.Tensor, clamp: bool = True) -> torch.Tensor:
         """Model-grid Gy of ``x``, clamped at 0 as decoding does unless ``clamp=False``
@@ -45,11 +46,16 @@ class SoftScorer:
         gradient of the unclamped dose, ``d dose / d x[:, 0] = unit_gy * body``, so only
         channel 0 moves."""
         x = x0.detach()
-        body = self.soft.body(x.device)
-        gain = torch.full(x.shape[2:], self.unit_gy, dtype=x.dtype, device=x.device)
-        gain = gain if body is None else gain * body.to(x.dtype)
+        key = (str(x.device), x.dtype)
+        if key not in self._gain:
+            body = self.soft.body(x.device)
+            gain = torch.full(x.shape[2:], self.unit_gy, dtype=x.dtype, device=x.device)
+            self._gain[key] = gain if body is None else gain * body.to(x.dtype)
         items, dirs = self.soft.group_directions(
-            self.dose_gy(x, clamp=False), self.dose_gy(x), temperature=self.temperature_gy, gain=gain
+            self.dose_gy(x, clamp=False),
+            self.dose_gy(x),
+            temperature=self.temperature_gy,
+            gain=self._gain[key],
         )
         return items, dirs._replace(shape=tuple(x.shape[1:]))
 
