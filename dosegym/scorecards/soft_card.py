@@ -4,8 +4,10 @@ One implementation for every torch consumer (``Scorecard.score_torch``, the Band
 ``soft_score``, GuidedDose's guidance, gradient-based agents). Doses are ``(B, Z, Y, X)`` in Gy
 on the bound case's grid. ``temperature`` (Gy) selects the metrics: ``None`` gives the exact
 ones (:func:`~dosegym.scorecards.metrics_torch.compute_metric_torch`, equal to numpy's
-``BoundScorecard.score``), a number the smooth ones (:func:`~dosegym.scorecards.soft.soft_metric_torch`).
-The structure masks are put on a device once per device and kept.
+``BoundScorecard.score``), a number the smooth ones (those of
+:func:`~dosegym.scorecards.soft.soft_metric_torch`, all items at once by
+:class:`~dosegym.scorecards.soft_items.SoftItems`, with closed-form gradients). The structure
+masks are put on a device once per device and kept.
 
 The steps, each a method: :meth:`metrics` ``(B, n_items)`` (NaN for unmatched items) ->
 :meth:`points` (the items' piecewise-linear curves) -> :meth:`item_scores` (normalised to
@@ -16,7 +18,8 @@ flat beyond its end points, so an item that earns nothing (or everything) would 
 gradient. It ascends each item's curve extended linearly, ``slope_i * metric_i`` with
 ``slope_i`` the curve's overall slope (score range over x range, :attr:`SoftScorecard.slopes`),
 which points the same way as the score and never goes flat; items are summed per objective
-group (:mod:`dosegym.scorecards.groups`).
+group (:mod:`dosegym.scorecards.groups`). The directions come back on the structures' voxels
+only (:class:`GroupDirections`).
 """
 
 from __future__ import annotations
@@ -250,6 +253,7 @@ class SoftScorecard:
         values, jac = soft.primitives(gathered[:1] if same else gathered, float(temperature), jacobian=True)
         dirs = torch.zeros((len(GROUP_NAMES), soft.union.numel()), dtype=dose.dtype, device=dose.device)
         live = [g for g, idx in enumerate(self.groups) if idx]
+        scored_metrics = None
         if live:
             weights = torch.zeros((len(live), 1, len(self.items)), dtype=dose.dtype, device=dose.device)
             for n, g in enumerate(live):
@@ -259,10 +263,13 @@ class SoftScorecard:
                 primitives = values[:1].requires_grad_(True)
                 metrics = soft.item_values(primitives, dose.dtype)
                 (per_primitive,) = torch.autograd.grad(metrics, primitives, weights, is_grads_batched=True)
+            scored_metrics = metrics.detach() if same else None
             grad = soft.compact(per_primitive[:, 0], jac[0])
             if gain is not None:
                 grad = grad * gain.reshape(-1)[soft.union].to(grad.dtype)
             peak = grad.abs().amax(dim=1, keepdim=True)
             dirs[live] = torch.where(peak > 0, grad / torch.where(peak > 0, peak, 1.0), 0.0).to(dose.dtype)
-        items = self.item_scores(self.points(soft.item_values(values[-1:], dose.dtype)))
+        if scored_metrics is None:
+            scored_metrics = soft.item_values(values[-1:], dose.dtype)
+        items = self.item_scores(self.points(scored_metrics))
         return items[0], GroupDirections(soft.union, dirs, tuple(dose.shape[1:]))

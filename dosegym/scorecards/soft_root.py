@@ -14,6 +14,7 @@ padded to the longest) and runs a safeguarded Newton iteration on them; the wind
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 Tensor = torch.Tensor
 RAMP_AS_STEP = 1e-6  # ramps narrower than this many tau are treated as a step at their middle
@@ -71,9 +72,8 @@ class RampWindow:
         once per knot; a step ramp is the mean of its ends' sigmoids, its middle's to
         ``(h / tau)^2``)."""
         z = self.scaled - (x / self.tau)[self.row]
-        e = torch.exp(-z.abs())
-        t = torch.log1p(e)
-        sig = torch.where(z >= 0, torch.ones_like(e), e) / (1.0 + e)
+        sig = torch.sigmoid(z)
+        t = F.softplus(-z.abs())  # log1p(e^-|z|)
         zu, su, sl = z[:-1], sig[:-1], sig[1:]
         cdt = self.coef * (t[:-1] - t[1:])
         # below the ramp (lower knot's z >= 0): sp(a) - sp(b) = (a - b) + sp(-a) - sp(-b)
@@ -123,28 +123,31 @@ def soft_root_window(
     upper = torch.cat([lower[:, :1], lower[:, :-1]], dim=1)
     lo = lower.gather(1, k) - _BRACKET * tau
     hi = upper.gather(1, k) + _BRACKET * tau
-    window = RampWindow(lower, c, w, lo, hi, tau, lengths)
-    f_lo, f_hi = (window.terms(torch.cat([lo, hi], dim=1))[0] - vc).split(1, dim=1)  # V_soft - v
-    ok = (f_lo > 0) & (f_hi <= 0)
-    if not bool(ok.all()):
-        last = lower.gather(1, (lengths - 1)[:, None])
-        lo = torch.where(ok, lo, last - 50.0 * tau)
-        hi = torch.where(ok, hi, lower[:, :1] + 50.0 * tau)
-        window = RampWindow(lower, c, w, lo, hi, tau, lengths)
-        wide_lo, wide_hi = (window.terms(torch.cat([lo, hi], dim=1))[0] - vc).split(1, dim=1)
-        f_lo, f_hi = torch.where(ok, f_lo, wide_lo), torch.where(ok, f_hi, wide_hi)
     # start from the exact root (V linear along ramp k, from C_k at d_k to C_k - w_k)
     wk, ck = w.gather(1, k), c.gather(1, k)
     dk, uk = lower.gather(1, k), upper.gather(1, k)
     x = dk + ((ck - vc) / torch.where(wk > 0, wk, torch.ones_like(wk))).clamp(0.0, 1.0) * (uk - dk)
     x = torch.where((x > lo) & (x < hi), x, 0.5 * (lo + hi))
+    window = RampWindow(lower, c, w, lo, hi, tau, lengths)
+    vol, dvol = window.terms(torch.cat([lo, hi, x], dim=1))  # the ends and the start in one pass
+    f_lo, f_hi = (vol[:, :2] - vc).split(1, dim=1)  # V_soft - v
+    first: tuple[Tensor, Tensor] | None = (vol[:, 2:], dvol[:, 2:])
+    ok = (f_lo > 0) & (f_hi <= 0)
+    if not bool(ok.all()):
+        last = lower.gather(1, (lengths - 1)[:, None])
+        lo = torch.where(ok, lo, last - 50.0 * tau)
+        hi = torch.where(ok, hi, lower[:, :1] + 50.0 * tau)
+        window, first = RampWindow(lower, c, w, lo, hi, tau, lengths), None
+        wide_lo, wide_hi = (window.terms(torch.cat([lo, hi], dim=1))[0] - vc).split(1, dim=1)
+        f_lo, f_hi = torch.where(ok, f_lo, wide_lo), torch.where(ok, f_hi, wide_hi)
     total = c.gather(1, (lengths - 1)[:, None])
     tail = vc <= 0.5 * total
     target = torch.where(tail, vc, total - vc)
     tol = tolerance * tau
     again = None
     for _ in range(_MAX_ITERATIONS):
-        vol, dvol = window.terms(x)
+        vol, dvol = window.terms(x) if first is None else first
+        first = None
         f = vol - vc
         too_much = f > 0
         lo, f_lo = torch.where(too_much, x, lo), torch.where(too_much, f, f_lo)
