@@ -51,11 +51,10 @@ class SoftScorer:
             body = self.soft.body(x.device)
             gain = torch.full(x.shape[2:], self.unit_gy, dtype=x.dtype, device=x.device)
             self._gain[key] = gain if body is None else gain * body.to(x.dtype)
+        gain = self._gain[key]
+        dose = x[:, 0] * gain  # dose_gy(x, clamp=False); clamped, dose_gy(x): the same values
         items, dirs = self.soft.group_directions(
-            self.dose_gy(x, clamp=False),
-            self.dose_gy(x),
-            temperature=self.temperature_gy,
-            gain=self._gain[key],
+            dose, dose.clamp_min(0.0), temperature=self.temperature_gy, gain=gain
         )
         return items, dirs._replace(shape=tuple(x.shape[1:]))
 
