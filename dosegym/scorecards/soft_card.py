@@ -255,10 +255,10 @@ class SoftScorecard:
         live = [g for g, idx in enumerate(self.groups) if idx]
         scored_metrics = None
         if live:
-            weights = torch.zeros((len(live), 1, len(self.items)), dtype=dose.dtype, device=dose.device)
+            weights = np.zeros((len(live), 1, len(self.items)))
             for n, g in enumerate(live):
-                idx = self.groups[g]
-                weights[n, 0, idx] = torch.as_tensor(self.slopes[idx], dtype=dose.dtype, device=dose.device)
+                weights[n, 0, self.groups[g]] = self.slopes[self.groups[g]]
+            weights = torch.as_tensor(weights, dtype=dose.dtype, device=dose.device)
             with torch.enable_grad():
                 primitives = values[:1].requires_grad_(True)
                 metrics = soft.item_values(primitives, dose.dtype)
