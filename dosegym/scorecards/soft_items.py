@@ -190,7 +190,7 @@ class SoftItems:
         their structure's voxels."""
         b = gathered.shape[0]
         vals = gathered.double()
-        parts = []
+        parts = [(vals.new_zeros((b, 0)), vals.new_zeros((b, 0, vals.shape[2])) if jacobian else None)]
         if self.rows["dx"]:
             parts.append(self._dose_at_volume(vals, tau, jacobian))
         if self.rows["vx"]:

@@ -179,3 +179,14 @@ def test_nan_names_the_item_and_bad_inputs_raise(case, soft):
         soft.metrics(_doses(case, torch.float32), temperature=0.0)
     with pytest.raises(ScorecardError, match="shape"):
         soft.metrics(_doses(case, torch.float32)[:, 1:], temperature=TAU)
+
+
+def test_a_card_with_every_item_unmatched_gives_nan_and_no_direction(case):
+    card = Scorecard.from_dict(
+        {"name": "none", "prescription_gy": 60.0, "fractions": 30, "items": [ITEMS[-1], ITEMS[-1]]}
+    )
+    soft = SoftScorecard(card.bind(case, on_unmatched="report"))
+    dose = _doses(case, torch.float32)
+    assert torch.isnan(soft.metrics(dose, temperature=TAU)).all()
+    items, dirs = soft.group_directions(dose[:1], dose[:1], temperature=TAU)
+    assert torch.isnan(items).all() and float(dirs.dense().abs().max()) == 0.0
