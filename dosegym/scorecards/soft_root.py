@@ -61,28 +61,25 @@ class RampWindow:
             i0 > 0, c.gather(1, (i0 - 1).clamp(min=0)[:, None])[:, 0], torch.zeros_like(lo[:, 0])
         )
 
-    def _sum(self, per_ramp: Tensor) -> Tensor:
-        out = torch.zeros((self.rows, per_ramp.shape[1]), dtype=per_ramp.dtype, device=per_ramp.device)
-        return out.index_add_(0, self.ramp_row, per_ramp * self.w)
-
     def terms(self, x: Tensor, *, gradients: bool = False) -> tuple[Tensor, ...]:
         """``V_soft`` and ``dV_soft/dx`` ``(R, m)`` at the points ``x`` ``(R, m)`` of each row;
         with ``gradients`` (``m = 1``) also ``dV_soft/dd`` at each knot ``(E, 1)``
-        (``softplus(z) = relu(z) + log1p(e^-|z|)`` and ``sigmoid`` from the same ``e^-|z|``,
-        once per knot; a step ramp is the mean of its ends' sigmoids, its middle's to
-        ``(h / tau)^2``)."""
+        (``softplus(z) = relu(z) + log1p(e^-|z|)`` and ``sigmoid`` once per knot; a step ramp is
+        the mean of its ends' sigmoids, its middle's to ``(h / tau)^2``)."""
         z = self.scaled - (x / self.tau)[self.row]
         sig = torch.sigmoid(z)
         t = F.softplus(-z.abs())  # log1p(e^-|z|)
-        zu, su, sl = z[:-1], sig[:-1], sig[1:]
-        cdt = self.coef * (t[:-1] - t[1:])
+        su, sl = sig[:-1], sig[1:]
         # below the ramp (lower knot's z >= 0): sp(a) - sp(b) = (a - b) + sp(-a) - sp(-b)
-        ramp = torch.where(z[1:] >= 0, 1.0 + cdt, self.coef * zu.clamp(min=0) + cdt)
+        ramp = self.coef * (t[:-1] - t[1:]) + torch.where(z[1:] >= 0, 1.0, self.coef * z[:-1].clamp(min=0))
         ramp = torch.where(self.step, 0.5 * (su + sl), ramp)
         ds = sig * (1.0 - sig)
         half = (0.25 / self.tau) * (ds[:-1] + ds[1:])  # dR/du = dR/dl of a step ramp
         slope = torch.where(self.step, -2.0 * half, (sl - su) * self.inv_h)
-        vol, dvol = self.above[:, None] + self._sum(ramp), self._sum(slope)
+        m = x.shape[1]
+        sums = torch.zeros((self.rows, 2 * m), dtype=ramp.dtype, device=ramp.device)
+        sums.index_add_(0, self.ramp_row, torch.cat([ramp, slope], dim=1) * self.w)
+        vol, dvol = self.above[:, None] + sums[:, :m], sums[:, m:]
         if not gradients:
             return vol, dvol
         # dR/du = (sigmoid_u - R) / h and dR/dl = (R - sigmoid_l) / h, each weighted by w
