@@ -41,9 +41,9 @@ class SoftScorer:
         return self.soft.item_scores(self.soft.points(metrics))
 
     def guidance(self, x0: torch.Tensor) -> tuple[torch.Tensor, GroupDirections]:
-        """Item scores ``(n_items,)`` of x̂0 ``(1, C, Z, Y, X)`` and each objective group's ascent
-        direction there (:meth:`SoftScorecard.group_directions`, on ``(C, Z, Y, X)``): the
-        gradient of the unclamped dose, ``d dose / d x[:, 0] = unit_gy * body``, so only
+        """Item scores ``(B, n_items)`` of x̂0 ``(B, C, Z, Y, X)`` and each objective group's
+        ascent direction there (:meth:`SoftScorecard.group_directions`, on ``(C, Z, Y, X)``):
+        the gradient of the unclamped dose, ``d dose / d x[:, 0] = unit_gy * body``, so only
         channel 0 moves."""
         x = x0.detach()
         key = (str(x.device), x.dtype)
@@ -59,6 +59,7 @@ class SoftScorer:
         return items, dirs._replace(shape=tuple(x.shape[1:]))
 
     def group_directions(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """:meth:`guidance` with the directions on the grid, ``(n_groups, C, Z, Y, X)``."""
+        """Item scores ``(n_items,)`` of x̂0 ``(1, C, Z, Y, X)`` and each objective group's
+        direction on the grid, ``(n_groups, C, Z, Y, X)`` (:meth:`guidance` of one sample)."""
         items, dirs = self.guidance(x0)
-        return items, dirs.dense()
+        return items[0], dirs.dense()[0]

@@ -57,29 +57,30 @@ class TorchScores(NamedTuple):
 
 
 class GroupDirections(NamedTuple):
-    """Each objective group's ascent direction, nonzero only on the structures' voxels:
-    ``voxels`` ``(U,)`` flat indices into the grid (``shape``, C-order; only its first
+    """Each objective group's ascent direction of a batch, nonzero only on the structures'
+    voxels: ``voxels`` ``(U,)`` flat indices into the grid (``shape``, C-order; only its first
     ``Z * Y * X`` entries are reached, so a leading channel axis of ``shape`` is channel 0),
-    ``values`` ``(n_groups, U)`` (each group's largest change 1; zero rows for empty groups and
-    where the objective is flat)."""
+    ``values`` ``(B, n_groups, U)`` (each group's largest change 1; zero rows for empty groups
+    and where the objective is flat)."""
 
     voxels: Tensor
     values: Tensor
     shape: tuple[int, ...]
 
     def combine(self, weights: Tensor) -> Tensor:
-        """``sum_g weights_g * direction_g`` on the grid, ``shape``; ``weights`` ``(n_groups,)``."""
-        out = torch.zeros(math.prod(self.shape), dtype=self.values.dtype, device=self.values.device)
-        out[self.voxels] = weights.to(self.values.dtype) @ self.values
-        return out.view(self.shape)
+        """``sum_g weights[:, g] * direction_g`` on the grid, ``(B, *shape)``; ``weights``
+        ``(B, n_groups)``."""
+        b = self.values.shape[0]
+        out = torch.zeros((b, math.prod(self.shape)), dtype=self.values.dtype, device=self.values.device)
+        out[:, self.voxels] = torch.einsum("bg,bgu->bu", weights.to(self.values.dtype), self.values)
+        return out.view(b, *self.shape)
 
     def dense(self) -> Tensor:
-        """The directions on the grid, ``(n_groups, *shape)``."""
-        out = torch.zeros(
-            (self.values.shape[0], math.prod(self.shape)), dtype=self.values.dtype, device=self.values.device
-        )
-        out[:, self.voxels] = self.values
-        return out.view(self.values.shape[0], *self.shape)
+        """The directions on the grid, ``(B, n_groups, *shape)``."""
+        b, g = self.values.shape[:2]
+        out = torch.zeros((b, g, math.prod(self.shape)), dtype=self.values.dtype, device=self.values.device)
+        out[:, :, self.voxels] = self.values
+        return out.view(b, g, *self.shape)
 
 
 class ItemTensors(NamedTuple):
@@ -233,43 +234,44 @@ class SoftScorecard:
     def group_directions(
         self, dose_gy: Tensor, scored_gy: Tensor, *, temperature: float, gain: Tensor | None = None
     ) -> tuple[Tensor, GroupDirections]:
-        """Item scores and the ascent direction of each objective group.
+        """Item scores and the ascent direction of each objective group, for a batch.
 
-        ``dose_gy`` ``(1, Z, Y, X)``: the dose (Gy) where the gradients are taken; ``gain``
+        ``dose_gy`` ``(B, Z, Y, X)``: the doses (Gy) where the gradients are taken; ``gain``
         ``(Z, Y, X)``: ``d dose / d u`` of the variable ``u`` guided, of which the dose is an
-        elementwise function (``None``: the dose itself); ``scored_gy`` ``(1, Z, Y, X)``: the
-        dose whose normalised item scores are returned. Returns item scores ``(n_items,)`` and
-        the directions in ``u`` (:class:`GroupDirections` on the grid ``(Z, Y, X)``).
+        elementwise function (``None``: the dose itself); ``scored_gy`` ``(B, Z, Y, X)``: the
+        doses whose normalised item scores are returned. Returns item scores ``(B, n_items)``
+        and the directions in ``u`` (:class:`GroupDirections` on the grid ``(Z, Y, X)``).
 
         No backward pass over the soft metrics nor the grid: one batched backward through the
         items' formulas gives each group's gradient with respect to the primitives, which the
         primitives' closed-form gradients (:meth:`SoftItems.primitives`) spread onto the
-        structures' voxels."""
+        structures' voxels. The batch shares every op (one root search for all)."""
         soft = self.soft_items(dose_gy.device)
         dose = soft.check(dose_gy.detach(), temperature)
         scored = soft.check(scored_gy.detach(), temperature)
-        gathered = soft.gather(torch.cat([dose, scored]).reshape(2, -1))
-        same = bool(torch.equal(gathered[0], gathered[1]))  # no voxel of a structure differs
-        values, jac = soft.primitives(gathered[:1] if same else gathered, float(temperature), jacobian=True)
-        dirs = torch.zeros((len(GROUP_NAMES), soft.union.numel()), dtype=dose.dtype, device=dose.device)
+        b = dose.shape[0]
+        gathered = soft.gather(torch.cat([dose, scored]).reshape(2 * b, -1))
+        same = bool(torch.equal(gathered[:b], gathered[b:]))  # no voxel of a structure differs
+        values, jac = soft.primitives(gathered[:b] if same else gathered, float(temperature), jacobian=True)
+        dirs = torch.zeros((b, len(GROUP_NAMES), soft.union.numel()), dtype=dose.dtype, device=dose.device)
         live = [g for g, idx in enumerate(self.groups) if idx]
         scored_metrics = None
         if live:
             weights = np.zeros((len(live), 1, len(self.items)))
             for n, g in enumerate(live):
                 weights[n, 0, self.groups[g]] = self.slopes[self.groups[g]]
-            weights = torch.as_tensor(weights, dtype=dose.dtype, device=dose.device)
+            weights = torch.as_tensor(weights, dtype=dose.dtype, device=dose.device).expand(-1, b, -1)
             with torch.enable_grad():
-                primitives = values[:1].requires_grad_(True)
+                primitives = values[:b].requires_grad_(True)
                 metrics = soft.item_values(primitives, dose.dtype)
                 (per_primitive,) = torch.autograd.grad(metrics, primitives, weights, is_grads_batched=True)
             scored_metrics = metrics.detach() if same else None
-            grad = soft.compact(per_primitive[:, 0], jac[0])
+            grad = soft.compact(per_primitive.transpose(0, 1), jac[:b])  # (B, n_live, U)
             if gain is not None:
                 grad = grad * gain.reshape(-1)[soft.union].to(grad.dtype)
-            peak = grad.abs().amax(dim=1, keepdim=True)
-            dirs[live] = torch.where(peak > 0, grad / torch.where(peak > 0, peak, 1.0), 0.0).to(dose.dtype)
+            peak = grad.abs().amax(dim=2, keepdim=True)
+            dirs[:, live] = torch.where(peak > 0, grad / torch.where(peak > 0, peak, 1.0), 0.0).to(dose.dtype)
         if scored_metrics is None:
-            scored_metrics = soft.item_values(values[-1:], dose.dtype)
+            scored_metrics = soft.item_values(values[-b:], dose.dtype)
         items = self.item_scores(self.points(scored_metrics))
-        return items[0], GroupDirections(soft.union, dirs, tuple(dose.shape[1:]))
+        return items, GroupDirections(soft.union, dirs, tuple(dose.shape[1:]))

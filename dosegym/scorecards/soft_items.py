@@ -265,11 +265,11 @@ class SoftItems:
         return out.index_add_(1, self.voxels, terms)
 
     def compact(self, weights: Tensor, jac: Tensor) -> Tensor:
-        """``sum_p weights[:, p] * jac[p]`` on the voxels of :attr:`union`, ``(K, U)``
-        (``weights`` ``(K, P)``, ``jac`` ``(P, L)``)."""
-        terms = self._voxel_terms(weights[None], jac[None])
+        """``sum_p weights[b, :, p] * jac[b, p]`` on the voxels of :attr:`union`, ``(B, K, U)``
+        (``weights`` ``(B, K, P)``, ``jac`` ``(B, P, L)``)."""
+        terms = self._voxel_terms(weights, jac)
         out = torch.zeros((terms.shape[0], self.union.numel()), dtype=terms.dtype, device=terms.device)
-        return out.index_add_(1, self.voxel_union, terms)
+        return out.index_add_(1, self.voxel_union, terms).view(*weights.shape[:2], -1)
 
     # -- items ------------------------------------------------------------------------------
     def item_values(self, values: Tensor, dtype: torch.dtype) -> Tensor:

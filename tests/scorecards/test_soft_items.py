@@ -158,16 +158,29 @@ def test_group_directions_are_the_autograd_ones(case, soft, shift):
     x = (torch.from_numpy(case.dose)[None] + shift) / 70.0
     items, dirs = soft.group_directions(x * gain, (x * gain).clamp_min(0), temperature=TAU, gain=gain)
     ref_items, ref_dirs = _reference_directions(soft, x, gain, TAU)
-    torch.testing.assert_close(items, ref_items, rtol=1e-6, atol=1e-6, equal_nan=True)
-    dense = dirs.dense()
+    torch.testing.assert_close(items[0], ref_items, rtol=1e-6, atol=1e-6, equal_nan=True)
+    dense = dirs.dense()[0]
     assert dense.shape == (len(GROUP_NAMES), *case.grid.shape)
     live = [g for g, idx in enumerate(soft.groups) if idx]
     assert len(live) >= 3 and all(float(dense[g].abs().max()) == pytest.approx(1.0) for g in live)
     torch.testing.assert_close(dense, ref_dirs, rtol=0, atol=1e-5)
     weights = torch.linspace(0, 1, len(GROUP_NAMES))
     torch.testing.assert_close(
-        dirs.combine(weights), (weights[:, None, None, None] * dense).sum(0), rtol=0, atol=1e-6
+        dirs.combine(weights[None])[0], (weights[:, None, None, None] * dense).sum(0), rtol=0, atol=1e-6
     )
+
+
+def test_a_batch_is_its_samples(case, soft):
+    """One search for the batch: each sample's scores and directions as when alone."""
+    gain = torch.from_numpy(case.body.astype(np.float32)) * 70.0
+    x = torch.stack([torch.from_numpy(case.dose), torch.from_numpy(case.dose) * 0.9 - 3.0]) / 70.0
+    items, dirs = soft.group_directions(x * gain, (x * gain).clamp_min(0), temperature=TAU, gain=gain)
+    assert items.shape == (2, len(ITEMS)) and dirs.values.shape[:2] == (2, len(GROUP_NAMES))
+    for i in range(2):
+        one = x[i : i + 1] * gain
+        alone_items, alone = soft.group_directions(one, one.clamp_min(0), temperature=TAU, gain=gain)
+        torch.testing.assert_close(items[i : i + 1], alone_items, rtol=1e-6, atol=1e-7, equal_nan=True)
+        torch.testing.assert_close(dirs.values[i : i + 1], alone.values, rtol=0, atol=1e-6)
 
 
 def test_nan_names_the_item_and_bad_inputs_raise(case, soft):
