@@ -9,7 +9,7 @@ so that load changes hit both alike): one reverse step done by hand, ``model(x, 
 
   - DenoiseDose, GuidedDose: median time of a mid-episode ``env.step(action)`` / median
     time of the baseline step. GuidedDose also against the guided step done by hand (the
-    baseline step plus ``SoftScorer.group_directions`` of each sample and the step to the
+    baseline step plus ``SoftScorer.guidance`` of the batch and the step to the
     moved x̂0): what the env adds over the guidance it must compute. ``env.step`` checks the
     action, runs the pretrained forward
     (log-probability; GuidedDose: the soft-scorecard gradients of every objective group and
@@ -155,8 +155,8 @@ def measure(policy: DosePolicy, case, kind: str, b: int, steps: int, repeats: in
         with torch.no_grad():
             d = reverse_step(scheduler, policy.model(x, t, cond), t, x, eta=policy.eta)
         x0 = d.pred_original_sample
-        dirs = torch.stack([scorer.group_directions(x0[i : i + 1])[1] for i in range(b)])
-        moved = x0 + GuidedConfig.guidance_scale * 0.5 * dirs.sum(1)
+        delta = scorer.guidance(x0)[1].combine(torch.full((b, len(scorer.soft.groups)), 0.5))
+        moved = x0 + GuidedConfig.guidance_scale * delta
         a_t = per_sample(scheduler.alphas_cumprod, t.long().reshape(1).expand(b), x.ndim)
         out = output_for_x0(scheduler.config.prediction_type, moved, x, a_t)
         noise = torch.randn(x.shape, generator=gen).to(x.device)

@@ -13,7 +13,7 @@ from dosegym.data.case import Case
 from dosegym.diffusion.slots import Resampler
 from dosegym.scorecards.model_grid import model_grid_case
 from dosegym.scorecards.scorecard import Scorecard
-from dosegym.scorecards.soft_card import SoftScorecard
+from dosegym.scorecards.soft_card import GroupDirections, SoftScorecard
 
 
 class SoftScorer:
@@ -26,6 +26,7 @@ class SoftScorer:
         self.soft = SoftScorecard(card.bind(mcase, on_unmatched="report"))
         self.unit_gy = float(res.rx_max_gy)
         self.temperature_gy = float(temperature_gy)
+        self._gain: dict[tuple[str, torch.dtype], torch.Tensor] = {}  # d dose / d x[:, 0], per device
 
     def dose_gy(self, x: torch.Tensor, clamp: bool = True) -> torch.Tensor:
         """Model-grid Gy of ``x``, clamped at 0 as decoding does unless ``clamp=False``
@@ -39,10 +40,26 @@ class SoftScorer:
         metrics = self.soft.metrics(self.dose_gy(x), temperature=self.temperature_gy)
         return self.soft.item_scores(self.soft.points(metrics))
 
+    def guidance(self, x0: torch.Tensor) -> tuple[torch.Tensor, GroupDirections]:
+        """Item scores ``(B, n_items)`` of x̂0 ``(B, C, Z, Y, X)`` and each objective group's
+        ascent direction there (:meth:`SoftScorecard.group_directions`, on ``(C, Z, Y, X)``):
+        the gradient of the unclamped dose, ``d dose / d x[:, 0] = unit_gy * body``, so only
+        channel 0 moves."""
+        x = x0.detach()
+        key = (str(x.device), x.dtype)
+        if key not in self._gain:
+            body = self.soft.body(x.device)
+            gain = torch.full(x.shape[2:], self.unit_gy, dtype=x.dtype, device=x.device)
+            self._gain[key] = gain if body is None else gain * body.to(x.dtype)
+        gain = self._gain[key]
+        dose = x[:, 0] * gain  # dose_gy(x, clamp=False); clamped, dose_gy(x): the same values
+        items, dirs = self.soft.group_directions(
+            dose, dose.clamp_min(0.0), temperature=self.temperature_gy, gain=gain
+        )
+        return items, dirs._replace(shape=tuple(x.shape[1:]))
+
     def group_directions(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Item scores ``(n_items,)`` of x̂0 ``(1, C, Z, Y, X)`` and each objective group's ascent
-        direction there, ``(n_groups, C, Z, Y, X)`` (:meth:`SoftScorecard.group_directions`)."""
-        x = x0.detach().clone().requires_grad_(True)
-        with torch.enable_grad():
-            dose = self.dose_gy(x, clamp=False)
-        return self.soft.group_directions(x, dose, self.dose_gy(x.detach()), temperature=self.temperature_gy)
+        """Item scores ``(n_items,)`` of x̂0 ``(1, C, Z, Y, X)`` and each objective group's
+        direction on the grid, ``(n_groups, C, Z, Y, X)`` (:meth:`guidance` of one sample)."""
+        items, dirs = self.guidance(x0)
+        return items[0], dirs.dense()[0]

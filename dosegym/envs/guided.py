@@ -17,6 +17,7 @@ from dosegym.envs.core import ChainCore, Transition
 from dosegym.envs.guidance import SoftScorer
 from dosegym.envs.reward import gaussian_kl
 from dosegym.scorecards.groups import GROUP_NAMES
+from dosegym.scorecards.soft_card import GroupDirections
 
 #: Bound of the ``features`` Box (pooled x_t and x̂0, model units).
 FEATURE_BOUND = 20.0
@@ -58,7 +59,7 @@ class GuidedCore(ChainCore):
             }
         )
         self._items: torch.Tensor | None = None
-        self._dirs: torch.Tensor | None = None
+        self._dirs: list[GroupDirections] | None = None  # per sample (a batch of 1 each)
 
     def soft_scorer(self, cd: CaseData) -> SoftScorer:
         """The case's soft scorer on the model grid (cached per case)."""
@@ -75,8 +76,8 @@ class GuidedCore(ChainCore):
         weights = (self.as_action(actions, self.single_action_space) + 1.0) / 2.0
         assert self._dirs is not None and self.chain.x is not None
         dist, x = self.chain.distribution(), self.chain.x
-        w = weights.reshape(*weights.shape, *([1] * (self._dirs.ndim - 2)))
-        delta = self.config.guidance_scale * (w * self._dirs).sum(1)
+        delta = torch.cat([d.combine(weights[i : i + 1]) for i, d in enumerate(self._dirs)])
+        delta = self.config.guidance_scale * delta
         guided = self.chain.step_from_output(
             self.chain.output_for_x0(dist.pred_original_sample + delta, x), x
         )
@@ -100,9 +101,14 @@ class GuidedCore(ChainCore):
         softs = [self.soft_scorer(cd) for cd in self.cds]
         if self.chain.running:
             x0 = self.chain.distribution().pred_original_sample
-            pairs = [soft.group_directions(x0[i : i + 1]) for i, soft in enumerate(softs)]
-            self._items = torch.stack([p[0] for p in pairs])
-            self._dirs = torch.stack([p[1] for p in pairs])
+            items: list[torch.Tensor | None] = [None] * self.batch
+            self._dirs = [None] * self.batch
+            for soft in dict.fromkeys(softs):  # the samples of each case together: one search
+                rows = [i for i, s in enumerate(softs) if s is soft]
+                scores, dirs = soft.guidance(x0[rows])
+                for j, i in enumerate(rows):
+                    items[i], self._dirs[i] = scores[j], dirs._replace(values=dirs.values[j : j + 1])
+            self._items = torch.stack(items)
         else:
             with torch.no_grad():
                 x = self.chain.x

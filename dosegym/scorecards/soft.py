@@ -12,8 +12,8 @@ converge to the exact metric as ``tau -> 0``:
   ``R_k(x) = tau / h_k * [softplus((d_{k-1} - x) / tau) - softplus((d_k - x) / tau)]``,
   ``h_k = d_{k-1} - d_k``, and ``V_soft(x) = sum_k w_k R_k(x)`` (strictly decreasing in x).
   ``D_soft(v)`` solves ``V_soft(x) = v`` without gradient (a safeguarded Newton search in a
-  bracket around the exact root, :meth:`SoftDVH._root`), then takes one Newton
-  step ``x - (V_soft(x) - v) / V_soft'(x)`` inside autograd: the value is the root and the
+  bracket around the exact root, :func:`~dosegym.scorecards.soft_root.soft_root_window`), then
+  takes one Newton step ``x - (V_soft(x) - v) / V_soft'(x)`` inside autograd: the value is the root and the
   gradient is exactly the implicit-function one,
   ``dD/dd_i = -(dV_soft/dd_i) / V_soft'(x)``, spread over the voxels whose doses lie within a
   few ``tau`` of the root. ``D(0) = max`` and ``D(V) = min`` use the soft max / min below.
@@ -38,35 +38,55 @@ from dosegym.errors import ScorecardError
 from dosegym.scorecards.curve import check_curve
 from dosegym.scorecards.metrics import NEEDS_BODY, MetricSpec, evaluate_spec
 from dosegym.scorecards.metrics_torch import as_batch, gather, structure_values, torch_ratio
+from dosegym.scorecards.soft_root import RAMP_AS_STEP, soft_root_window
 
 Tensor = torch.Tensor
-_MAX_ITERATIONS = 200  # safeguarded Newton steps of the soft Dx root (it stops at convergence)
-_BRACKET = 8.0  # the soft Dx root is looked for within this many tau of the exact one's ramp
-_SATURATED = 36.0  # ramps this many tau beyond the bracket count as exactly w or 0 in the search
-_TOLERANCE = 1e-9  # Newton step (in tau) at which the root search stops: the last step squares it
-_RAMP_AS_STEP = 1e-6  # ramps narrower than this many tau are treated as a step at their middle
 
 
-def _volume_and_slope(
-    x: Tensor, lower: Tensor, upper: Tensor, w: Tensor, coef: Tensor, step: Tensor, tau: float
-) -> tuple[Tensor, Tensor]:
-    """``V_soft(x)`` and ``dV_soft/dx`` (``(B,)`` each) of the ramps given, in one pass: the
-    formulas of :meth:`SoftDVH._soft_volume` with ``softplus(z) = relu(z) + log1p(e^-|z|)`` and
-    ``sigmoid`` from the same ``e^-|z|`` (``coef = tau / h``, ``step``: ramps taken as steps)."""
+def soft_volume(x: Tensor, lower: Tensor, upper: Tensor, w: Tensor, tau: float) -> Tensor:
+    """``V_soft(x)`` for ``x`` ``(B, 1)``: sum of logistic-smoothed ramps, ``(B,)``."""
+    h = upper - lower
+    step = h < RAMP_AS_STEP * tau
+    h_safe = torch.where(step, torch.ones_like(h), h)
     xu = (upper - x) / tau
     xl = (lower - x) / tau
-    eu, el = torch.exp(-xu.abs()), torch.exp(-xl.abs())
-    tu, tl = torch.log1p(eu), torch.log1p(el)
-    ramp = torch.where(xl >= 0, 1.0 + coef * (tu - tl), coef * (xu.clamp(min=0) + tu - tl))
-    su = torch.where(xu >= 0, 1.0 / (1.0 + eu), eu / (1.0 + eu))
-    sl = torch.where(xl >= 0, 1.0 / (1.0 + el), el / (1.0 + el))
-    slope = -(su - sl) * (coef / tau)
-    mz = 0.5 * (xu + xl)
-    em = torch.exp(-mz.abs())
-    mid = torch.where(mz >= 0, 1.0 / (1.0 + em), em / (1.0 + em))
-    ramp = torch.where(step, mid, ramp)
+    # below the ramp (xl >= 0) use sp(a) - sp(b) = (a - b) + sp(-a) - sp(-b): no cancellation
+    below = 1.0 + tau / h_safe * (F.softplus(-xu) - F.softplus(-xl))
+    above = tau / h_safe * (F.softplus(xu) - F.softplus(xl))
+    ramp = torch.where(xl >= 0, below, above)
+    ramp = torch.where(step, torch.sigmoid(0.5 * (xu + xl)), ramp)
+    return (ramp * w).sum(dim=1)
+
+
+def volume_cc(volume: float, unit: str, total_cc: float) -> float:
+    """A volume in ``unit`` (``"%"`` of ``total_cc`` or ``"cc"``) in cc."""
+    if unit == "%":
+        return float(volume) / 100.0 * total_cc
+    if unit == "cc":
+        return float(volume)
+    raise ScorecardError(f"volume unit {unit!r} is not valid; use '%' or 'cc'")
+
+
+def volume_in(vol_cc: Tensor, unit: str, total_cc: float) -> Tensor:
+    """Volumes ``vol_cc`` (cc) in ``unit`` (``"%"`` of ``total_cc`` or ``"cc"``)."""
+    if unit == "cc":
+        return vol_cc
+    if unit == "%":
+        return 100.0 * vol_cc / total_cc
+    raise ScorecardError(f"volume unit {unit!r} is not valid; use '%' or 'cc'")
+
+
+def soft_volume_slope(x: Tensor, lower: Tensor, upper: Tensor, w: Tensor, tau: float) -> Tensor:
+    """``dV_soft/dx`` (negative), ``(B,)``."""
+    h = upper - lower
+    step = h < RAMP_AS_STEP * tau
+    h_safe = torch.where(step, torch.ones_like(h), h)
+    xu = (upper - x) / tau
+    xl = (lower - x) / tau
+    slope = -(torch.sigmoid(xu) - torch.sigmoid(xl)) / h_safe
+    mid = torch.sigmoid(0.5 * (xu + xl))
     slope = torch.where(step, -mid * (1.0 - mid) / tau, slope)
-    return (ramp * w).sum(dim=1), (slope * w).sum(dim=1)
+    return (slope * w).sum(dim=1)
 
 
 class SoftDVH:
@@ -115,11 +135,7 @@ class SoftDVH:
     # -- volume at dose -----------------------------------------------------------------
     def volume_at_dose(self, dose_gy: float, unit: str = "%") -> Tensor:
         vol = (torch.sigmoid((self.values - dose_gy) / self.tau) * self.w).sum(dim=1)
-        if unit == "cc":
-            return vol.to(self.dtype)
-        if unit == "%":
-            return (100.0 * vol / self.total_volume_cc).to(self.dtype)
-        raise ScorecardError(f"volume unit {unit!r} is not valid; use '%' or 'cc'")
+        return volume_in(vol, unit, self.total_volume_cc).to(self.dtype)
 
     # -- dose at volume -----------------------------------------------------------------
     def _ramp_bounds(self) -> tuple[Tensor, Tensor, Tensor]:
@@ -131,113 +147,17 @@ class SoftDVH:
         return self._ramps
 
     def _soft_volume(self, x: Tensor, lower: Tensor, upper: Tensor, w: Tensor) -> Tensor:
-        """``V_soft(x)`` for ``x`` ``(B, 1)``: sum of logistic-smoothed ramps, ``(B,)``."""
-        tau = self.tau
-        h = upper - lower
-        step = h < _RAMP_AS_STEP * tau
-        h_safe = torch.where(step, torch.ones_like(h), h)
-        xu = (upper - x) / tau
-        xl = (lower - x) / tau
-        # below the ramp (xl >= 0) use sp(a) - sp(b) = (a - b) + sp(-a) - sp(-b): no cancellation
-        below = 1.0 + tau / h_safe * (F.softplus(-xu) - F.softplus(-xl))
-        above = tau / h_safe * (F.softplus(xu) - F.softplus(xl))
-        ramp = torch.where(xl >= 0, below, above)
-        ramp = torch.where(step, torch.sigmoid(0.5 * (xu + xl)), ramp)
-        return (ramp * w).sum(dim=1)
+        return soft_volume(x, lower, upper, w, self.tau)
 
     def _soft_volume_slope(self, x: Tensor, lower: Tensor, upper: Tensor, w: Tensor) -> Tensor:
-        """``dV_soft/dx`` (negative), ``(B,)``."""
-        tau = self.tau
-        h = upper - lower
-        step = h < _RAMP_AS_STEP * tau
-        h_safe = torch.where(step, torch.ones_like(h), h)
-        xu = (upper - x) / tau
-        xl = (lower - x) / tau
-        slope = -(torch.sigmoid(xu) - torch.sigmoid(xl)) / h_safe
-        mid = torch.sigmoid(0.5 * (xu + xl))
-        slope = torch.where(step, -mid * (1.0 - mid) / tau, slope)
-        return (slope * w).sum(dim=1)
+        return soft_volume_slope(x, lower, upper, w, self.tau)
 
     def _root(self, v: float, lower: Tensor, upper: Tensor, w: Tensor) -> Tensor:
-        """The root ``x`` ``(B, 1)`` of ``V_soft(x) = v`` (no gradient), to float64 precision.
-
-        Bracket: the exact (unsmoothed) root lies in voxel ``k``'s ramp ``[d_k, d_{k-1}]`` with
-        ``C_k`` the first cumulative volume ``>= v``; the soft root lies within a few ``tau``
-        of it. ``[d_k - A tau, d_{k-1} + A tau]`` is checked on the full set (``V_soft(lo) > v
-        >= V_soft(hi)``, as bisection keeps it); a row where it fails gets the wide bracket
-        ``[min - 50 tau, max + 50 tau]`` (which always holds). Inside it, a safeguarded Newton
-        iteration (the secant of the bracket's ends, else its midpoint, whenever Newton would
-        leave the bracket; the bracket shrinks at every step) runs on the ramps
-        that are not saturated within ``_SATURATED`` tau of the bracket: ramps wholly above it
-        contribute ``w`` (their weights are summed once), wholly below 0, both to
-        ``e^-_SATURATED`` relative. The caller's Newton step on the full set then lands on the
-        root of ``V_soft`` itself (quadratically)."""
-        tau = self.tau
-        b, n = lower.shape
-        c = torch.cumsum(w, dim=1)
-        k = torch.searchsorted(c, torch.full((b, 1), v, dtype=c.dtype, device=c.device)).clamp(max=n - 1)
-        lo = lower.gather(1, k) - _BRACKET * tau
-        hi = upper.gather(1, k) + _BRACKET * tau
-        f_lo = (self._soft_volume(lo, lower, upper, w) - v)[:, None]  # V_soft - v at the ends
-        f_hi = (self._soft_volume(hi, lower, upper, w) - v)[:, None]
-        ok = (f_lo > 0) & (f_hi <= 0)
-        if not bool(ok.all()):
-            lo = torch.where(ok, lo, lower.amin(dim=1, keepdim=True) - 50.0 * tau)
-            hi = torch.where(ok, hi, upper.amax(dim=1, keepdim=True) + 50.0 * tau)
-            f_lo = torch.where(ok, f_lo, self._soft_volume(lo, lower, upper, w)[:, None] - v)
-            f_hi = torch.where(ok, f_hi, self._soft_volume(hi, lower, upper, w)[:, None] - v)
-        # the unsaturated ramps: a contiguous run [i0, i1) of the descending-sorted ramps
-        i0 = (lower >= hi + _SATURATED * tau).sum(dim=1, keepdim=True)
-        i1 = (upper > lo - _SATURATED * tau).sum(dim=1, keepdim=True)
-        count = (i1 - i0).clamp(min=0)
-        span = max(int(count.max()), 1)
-        pos = torch.arange(span, device=lower.device)[None, :]
-        idx = (i0 + pos).clamp(max=n - 1)
-        valid = pos < count
-        sl, su = lower.gather(1, idx), upper.gather(1, idx)
-        sw = torch.where(valid, w.gather(1, idx), torch.zeros((), dtype=w.dtype, device=w.device))
-        above = torch.where(i0 > 0, c.gather(1, (i0 - 1).clamp(min=0)), torch.zeros_like(lo)).squeeze(1)
-        h = su - sl
-        step = h < _RAMP_AS_STEP * tau
-        coef = tau / torch.where(step, torch.ones_like(h), h)
-        # start from the exact root (V linear along ramp k, from C_k at d_k to C_k - w_k)
-        wk, ck = w.gather(1, k), c.gather(1, k)
-        dk, uk = lower.gather(1, k), upper.gather(1, k)
-        x = dk + ((ck - v) / torch.where(wk > 0, wk, torch.ones_like(wk))).clamp(0.0, 1.0) * (uk - dk)
-        x = torch.where((x > lo) & (x < hi), x, 0.5 * (lo + hi))
-        again = None
-        for _ in range(_MAX_ITERATIONS):
-            vol, dvol = _volume_and_slope(x, sl, su, sw, coef, step, tau)
-            vol = vol + above
-            f = (vol - v)[:, None]
-            too_much = f > 0
-            lo, f_lo = torch.where(too_much, x, lo), torch.where(too_much, f, f_lo)
-            hi, f_hi = torch.where(too_much, hi, x), torch.where(too_much, f_hi, f)
-            if again is not None:  # Illinois: the end kept twice has its f halved (for the secant)
-                same = too_much == again
-                f_hi = torch.where(same & too_much, 0.5 * f_hi, f_hi)
-                f_lo = torch.where(same & ~too_much, 0.5 * f_lo, f_lo)
-            again = too_much
-            newton = x - f / dvol[:, None]
-            inside = (newton >= lo) & (newton <= hi)  # x itself is an end: >=, not >
-            # Newton leaving the bracket: the secant of its ends, else the midpoint
-            secant = lo + f_lo / (f_lo - f_hi) * (hi - lo)
-            secant = torch.where((secant > lo) & (secant < hi), secant, 0.5 * (lo + hi))
-            new = torch.where(inside, newton, secant)
-            tol = _TOLERANCE * tau
-            done = (inside & ((newton - x).abs() <= tol)) | (hi - lo <= tol)
-            x = new
-            if bool(done.all()):
-                break
-        return x
+        """The root of ``V_soft = v`` (:func:`~dosegym.scorecards.soft_root.soft_root_window`)."""
+        return soft_root_window(v, lower, w, self.tau)[0]
 
     def dose_at_volume(self, volume: float, unit: str = "%") -> Tensor:
-        if unit == "%":
-            v = float(volume) / 100.0 * self.total_volume_cc
-        elif unit == "cc":
-            v = float(volume)
-        else:
-            raise ScorecardError(f"volume unit {unit!r} is not valid; use '%' or 'cc'")
+        v = volume_cc(volume, unit, self.total_volume_cc)
         if v <= 0.0:
             return self.max_gy
         if v >= self.total_volume_cc:
@@ -251,6 +171,12 @@ class SoftDVH:
         v_at_root = self._soft_volume(root, lower, upper, w)  # carries the graph to the doses
         out = root.squeeze(1) - (v_at_root - v) / slope
         return out.to(self.dtype)
+
+
+def check_temperature(temperature: float, where: str) -> None:
+    """Raise ``ScorecardError`` naming ``where`` unless ``temperature`` is a finite number > 0 (Gy)."""
+    if not (isinstance(temperature, (int, float)) and np.isfinite(temperature) and temperature > 0):
+        raise ScorecardError(f"{where}: temperature must be a finite number of Gy > 0, got {temperature!r}")
 
 
 def soft_metric_torch(
@@ -272,8 +198,7 @@ def soft_metric_torch(
     """
     where = spec.kind.value
     spec.validate(where)
-    if not (isinstance(temperature, (int, float)) and np.isfinite(temperature) and temperature > 0):
-        raise ScorecardError(f"{where}: temperature must be a finite number of Gy > 0, got {temperature!r}")
+    check_temperature(temperature, where)
     if not voxel_volume_cc > 0:
         raise ScorecardError(f"{where}: voxel_volume_cc must be > 0, got {voxel_volume_cc}")
     dose, batched = as_batch(dose_gy)
@@ -293,20 +218,42 @@ def soft_metric_torch(
 
 
 # -- piecewise-linear scoring curves ------------------------------------------------------
+def curve_tensors(
+    curves: Sequence[tuple[Sequence[float], Sequence[float]]], dtype: torch.dtype, device: torch.device
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Checked curves ``(xs, ys)`` as rows ``(K, P)`` (padded with their last point; a one-point
+    curve twice) and each row's last segment end ``(K, 1)``, for :func:`piecewise_linear_rows`."""
+    checked = [check_curve(xs, ys) for xs, ys in curves]
+    checked = [(np.repeat(px, 2), np.repeat(py, 2)) if px.size == 1 else (px, py) for px, py in checked]
+    width = max(px.size for px, _ in checked)
+    pad = [
+        (np.pad(px, (0, width - px.size), mode="edge"), np.pad(py, (0, width - py.size), mode="edge"))
+        for px, py in checked
+    ]
+    tx = torch.as_tensor(np.stack([px for px, _ in pad]), dtype=dtype, device=device)
+    ty = torch.as_tensor(np.stack([py for _, py in pad]), dtype=dtype, device=device)
+    last = torch.tensor([[px.size - 1] for px, _ in checked], device=device)
+    return tx, ty, last
+
+
+def piecewise_linear_rows(x: Tensor, tx: Tensor, ty: Tensor, last: Tensor) -> Tensor:
+    """Each row of ``x`` ``(K, B)`` along its curve (:func:`curve_tensors`), ``(K, B)``: the rule
+    of :func:`~dosegym.scorecards.curve.piecewise_linear`, differentiable in ``x`` almost
+    everywhere (the segment's slope inside, 0 where clamped)."""
+    xc = torch.clamp(x, tx[:, :1], tx.gather(1, last))
+    i = torch.minimum(torch.searchsorted(tx, xc.detach().contiguous(), right=True).clamp(min=1), last)
+    x0, x1, y0, y1 = tx.gather(1, i - 1), tx.gather(1, i), ty.gather(1, i - 1), ty.gather(1, i)
+    h = x1 - x0
+    t = torch.where(h > 0, (xc - x0) / torch.where(h > 0, h, torch.ones_like(h)), torch.ones_like(h))
+    return y0 + t * (y1 - y0) + 0.0 * xc  # 0 * xc: a NaN x stays NaN on a one-point curve
+
+
 def soft_piecewise_linear(x: Tensor, xs: Sequence[float], ys: Sequence[float]) -> Tensor:
     """The torch twin of :func:`~dosegym.scorecards.curve.piecewise_linear` (same rule),
     differentiable in ``x`` almost everywhere (slope of the segment inside, 0 where clamped)."""
-    px, py = check_curve(xs, ys)
     if not isinstance(x, torch.Tensor):
+        check_curve(xs, ys)
         raise ScorecardError(f"x must be a torch tensor, got {type(x).__name__}")
     xt = x if torch.is_floating_point(x) else x.double()
-    tx = torch.as_tensor(px, dtype=xt.dtype, device=xt.device)
-    ty = torch.as_tensor(py, dtype=xt.dtype, device=xt.device)
-    if px.size == 1:
-        return ty[0].expand_as(xt) + 0.0 * xt
-    xc = torch.clamp(xt, tx[0], tx[-1])
-    i = torch.searchsorted(tx, xc.detach().contiguous(), right=True).clamp(1, px.size - 1)
-    x0, x1, y0, y1 = tx[i - 1], tx[i], ty[i - 1], ty[i]
-    h = x1 - x0
-    t = torch.where(h > 0, (xc - x0) / torch.where(h > 0, h, torch.ones_like(h)), torch.ones_like(h))
-    return y0 + t * (y1 - y0)
+    curve = curve_tensors([(xs, ys)], xt.dtype, xt.device)
+    return piecewise_linear_rows(xt.reshape(1, -1), *curve).reshape(xt.shape)

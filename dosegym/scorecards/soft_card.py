@@ -4,8 +4,10 @@ One implementation for every torch consumer (``Scorecard.score_torch``, the Band
 ``soft_score``, GuidedDose's guidance, gradient-based agents). Doses are ``(B, Z, Y, X)`` in Gy
 on the bound case's grid. ``temperature`` (Gy) selects the metrics: ``None`` gives the exact
 ones (:func:`~dosegym.scorecards.metrics_torch.compute_metric_torch`, equal to numpy's
-``BoundScorecard.score``), a number the smooth ones (:func:`~dosegym.scorecards.soft.soft_metric_torch`).
-The structure masks are put on a device once per device and kept.
+``BoundScorecard.score``), a number the smooth ones (those of
+:func:`~dosegym.scorecards.soft.soft_metric_torch`, all items at once by
+:class:`~dosegym.scorecards.soft_items.SoftItems`, with closed-form gradients). The structure
+masks are put on a device once per device and kept.
 
 The steps, each a method: :meth:`metrics` ``(B, n_items)`` (NaN for unmatched items) ->
 :meth:`points` (the items' piecewise-linear curves) -> :meth:`item_scores` (normalised to
@@ -16,7 +18,8 @@ flat beyond its end points, so an item that earns nothing (or everything) would 
 gradient. It ascends each item's curve extended linearly, ``slope_i * metric_i`` with
 ``slope_i`` the curve's overall slope (score range over x range, :attr:`SoftScorecard.slopes`),
 which points the same way as the score and never goes flat; items are summed per objective
-group (:mod:`dosegym.scorecards.groups`).
+group (:mod:`dosegym.scorecards.groups`). The directions come back on the structures' voxels
+only (:class:`GroupDirections`).
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ from dosegym.errors import ScorecardError
 from dosegym.scorecards.bound import BoundScorecard
 from dosegym.scorecards.groups import GROUP_NAMES, objective_group
 from dosegym.scorecards.metrics_torch import compute_metric_torch
-from dosegym.scorecards.soft import soft_metric_torch, soft_piecewise_linear
+from dosegym.scorecards.soft import curve_tensors, piecewise_linear_rows
+from dosegym.scorecards.soft_items import SoftItems
 
 Tensor = torch.Tensor
 
@@ -50,6 +54,33 @@ class TorchScores(NamedTuple):
     def normalised(self) -> Tensor:
         """``total`` over the matched items' maximum, ``(B,)``."""
         return self.total / self.max_points[self.matched].sum()
+
+
+class GroupDirections(NamedTuple):
+    """Each objective group's ascent direction of a batch, nonzero only on the structures'
+    voxels: ``voxels`` ``(U,)`` flat indices into the grid (``shape``, C-order; only its first
+    ``Z * Y * X`` entries are reached, so a leading channel axis of ``shape`` is channel 0),
+    ``values`` ``(B, n_groups, U)`` (each group's largest change 1; zero rows for empty groups
+    and where the objective is flat)."""
+
+    voxels: Tensor
+    values: Tensor
+    shape: tuple[int, ...]
+
+    def combine(self, weights: Tensor) -> Tensor:
+        """``sum_g weights[:, g] * direction_g`` on the grid, ``(B, *shape)``; ``weights``
+        ``(B, n_groups)``."""
+        b = self.values.shape[0]
+        out = torch.zeros((b, math.prod(self.shape)), dtype=self.values.dtype, device=self.values.device)
+        out[:, self.voxels] = torch.einsum("bg,bgu->bu", weights.to(self.values.dtype), self.values)
+        return out.view(b, *self.shape)
+
+    def dense(self) -> Tensor:
+        """The directions on the grid, ``(B, n_groups, *shape)``."""
+        b, g = self.values.shape[:2]
+        out = torch.zeros((b, g, math.prod(self.shape)), dtype=self.values.dtype, device=self.values.device)
+        out[:, :, self.voxels] = self.values
+        return out.view(b, g, *self.shape)
 
 
 class ItemTensors(NamedTuple):
@@ -92,6 +123,8 @@ class SoftScorecard:
                 self.groups[objective_group(item.structure, bool(self.slopes[i] < 0), bound.case)].append(i)
         self._tensors: dict[str, list[ItemTensors | None]] = {}
         self._body: dict[str, Tensor | None] = {}
+        self._soft: dict[str, SoftItems] = {}
+        self._curves: dict[tuple[str, torch.dtype], tuple[Tensor, Tensor, Tensor]] = {}
 
     # -- masks on a device ------------------------------------------------------------------
     def item_tensors(self, device: torch.device) -> list[ItemTensors | None]:
@@ -114,9 +147,19 @@ class SoftScorecard:
         return self._body[key]
 
     # -- the steps of a score ---------------------------------------------------------------
+    def soft_items(self, device: torch.device) -> SoftItems:
+        """The soft items on ``device`` (:class:`~dosegym.scorecards.soft_items.SoftItems`), made once."""
+        key = str(device)
+        if key not in self._soft:
+            self._soft[key] = SoftItems(self.bound, device)
+        return self._soft[key]
+
     def metrics(self, dose_gy: Tensor, *, temperature: float | None = None) -> Tensor:
         """Metric values ``(B, n_items)`` of doses ``(B, Z, Y, X)`` (Gy) in each item's output
-        unit; exact when ``temperature`` is ``None``, else soft; NaN for unmatched items."""
+        unit; exact when ``temperature`` is ``None``, else soft (all items at once, by
+        :class:`~dosegym.scorecards.soft_items.SoftItems`); NaN for unmatched items."""
+        if temperature is not None:
+            return self.soft_items(dose_gy.device).metrics(dose_gy, temperature)
         case = self.bound.case
         cols = []
         for i, (item, t) in enumerate(zip(self.items, self.item_tensors(dose_gy.device))):
@@ -125,17 +168,16 @@ class SoftScorecard:
                     torch.full((dose_gy.shape[0],), math.nan, dtype=dose_gy.dtype, device=dose_gy.device)
                 )
                 continue
-            kw = dict(
-                voxel_volume_cc=case.voxel_volume_cc,
-                rx_gy=self.bound.reference_gy,
-                body=t.body,
-                occupancy=t.occupancy,
-            )
             try:
-                if temperature is None:
-                    value = compute_metric_torch(item.spec, dose_gy, t.mask, **kw)
-                else:
-                    value = soft_metric_torch(item.spec, dose_gy, t.mask, temperature=temperature, **kw)
+                value = compute_metric_torch(
+                    item.spec,
+                    dose_gy,
+                    t.mask,
+                    voxel_volume_cc=case.voxel_volume_cc,
+                    rx_gy=self.bound.reference_gy,
+                    body=t.body,
+                    occupancy=t.occupancy,
+                )
             except ScorecardError as exc:
                 raise ScorecardError(f"{item.describe(i)}: {exc}") from None
             cols.append(value.to(dose_gy.dtype))
@@ -143,14 +185,14 @@ class SoftScorecard:
 
     def points(self, metrics: Tensor) -> Tensor:
         """Points ``(B, n_items)`` of metric values along each item's curve (NaN for unmatched)."""
-        cols = []
-        for i, item in enumerate(self.items):
-            if not self.matched[i]:
-                cols.append(torch.full_like(metrics[:, i], math.nan))
-                continue
-            xs, ys = item.curve
-            cols.append(soft_piecewise_linear(metrics[:, i], xs, ys).to(metrics.dtype))
-        return torch.stack(cols, dim=1)
+        key = (str(metrics.device), metrics.dtype)
+        if key not in self._curves:
+            self._curves[key] = curve_tensors(
+                [item.curve for item in self.items], metrics.dtype, metrics.device
+            )
+        points = piecewise_linear_rows(metrics.T, *self._curves[key]).T
+        matched = torch.as_tensor(self.matched, device=metrics.device)
+        return torch.where(matched, points, torch.full_like(points, math.nan))
 
     def item_scores(self, points: Tensor) -> Tensor:
         """Normalised item scores ``(points - min) / (max - min)`` in [0, 1], ``(B, n_items)``."""
@@ -190,30 +232,46 @@ class SoftScorecard:
 
     # -- guidance ---------------------------------------------------------------------------
     def group_directions(
-        self, x: Tensor, dose_gy: Tensor, scored_gy: Tensor, *, temperature: float
-    ) -> tuple[Tensor, Tensor]:
-        """Ascent directions of each objective group with respect to ``x`` (a leaf tensor that
-        requires grad, batch 1), and item scores.
+        self, dose_gy: Tensor, scored_gy: Tensor, *, temperature: float, gain: Tensor | None = None
+    ) -> tuple[Tensor, GroupDirections]:
+        """Item scores and the ascent direction of each objective group, for a batch.
 
-        ``dose_gy`` ``(1, Z, Y, X)``: Gy computed from ``x`` (its graph kept; the gradient flows
-        through it); ``scored_gy`` ``(1, Z, Y, X)``: the dose whose normalised item scores are
-        returned (detached). Returns item scores ``(n_items,)`` and directions
-        ``(n_groups, *x.shape[1:])``, each scaled to a largest change of 1 (zero for empty
-        groups and where the objective is flat)."""
-        with torch.enable_grad():
-            # one batched evaluation: [dose_gy (for gradients), scored_gy (the scores)]
-            both = self.metrics(torch.cat([dose_gy, scored_gy]), temperature=temperature)
-            metrics = both[:1]
-            dirs = torch.zeros((len(GROUP_NAMES), *x.shape[1:]), dtype=x.dtype, device=x.device)
-            live = [g for g, idx in enumerate(self.groups) if idx]
+        ``dose_gy`` ``(B, Z, Y, X)``: the doses (Gy) where the gradients are taken; ``gain``
+        ``(Z, Y, X)``: ``d dose / d u`` of the variable ``u`` guided, of which the dose is an
+        elementwise function (``None``: the dose itself); ``scored_gy`` ``(B, Z, Y, X)``: the
+        doses whose normalised item scores are returned. Returns item scores ``(B, n_items)``
+        and the directions in ``u`` (:class:`GroupDirections` on the grid ``(Z, Y, X)``).
+
+        No backward pass over the soft metrics nor the grid: one batched backward through the
+        items' formulas gives each group's gradient with respect to the primitives, which the
+        primitives' closed-form gradients (:meth:`SoftItems.primitives`) spread onto the
+        structures' voxels. The batch shares every op (one root search for all)."""
+        soft = self.soft_items(dose_gy.device)
+        dose = soft.check(dose_gy.detach(), temperature)
+        scored = soft.check(scored_gy.detach(), temperature)
+        b = dose.shape[0]
+        gathered = soft.gather(torch.cat([dose, scored]).reshape(2 * b, -1))
+        same = bool(torch.equal(gathered[:b], gathered[b:]))  # no voxel of a structure differs
+        values, jac = soft.primitives(gathered[:b] if same else gathered, float(temperature), jacobian=True)
+        dirs = torch.zeros((b, len(GROUP_NAMES), soft.union.numel()), dtype=dose.dtype, device=dose.device)
+        live = [g for g, idx in enumerate(self.groups) if idx]
+        scored_metrics = None
+        if live:
+            weights = np.zeros((len(live), 1, len(self.items)))
             for n, g in enumerate(live):
-                idx = self.groups[g]
-                slope = torch.as_tensor(self.slopes[idx], dtype=metrics.dtype, device=x.device)
-                objective = (metrics[0, idx] * slope).sum()
-                (grad,) = torch.autograd.grad(objective, x, retain_graph=n < len(live) - 1)
-                peak = grad.abs().max()
-                if float(peak) > 0:
-                    dirs[g] = (grad / peak)[0]
-        with torch.no_grad():
-            items = self.item_scores(self.points(both[1:].detach()))
-        return items[0], dirs
+                weights[n, 0, self.groups[g]] = self.slopes[self.groups[g]]
+            weights = torch.as_tensor(weights, dtype=dose.dtype, device=dose.device).expand(-1, b, -1)
+            with torch.enable_grad():
+                primitives = values[:b].requires_grad_(True)
+                metrics = soft.item_values(primitives, dose.dtype)
+                (per_primitive,) = torch.autograd.grad(metrics, primitives, weights, is_grads_batched=True)
+            scored_metrics = metrics.detach() if same else None
+            grad = soft.compact(per_primitive.transpose(0, 1), jac[:b])  # (B, n_live, U)
+            if gain is not None:
+                grad = grad * gain.reshape(-1)[soft.union].to(grad.dtype)
+            peak = grad.abs().amax(dim=2, keepdim=True)
+            dirs[:, live] = torch.where(peak > 0, grad / torch.where(peak > 0, peak, 1.0), 0.0).to(dose.dtype)
+        if scored_metrics is None:
+            scored_metrics = soft.item_values(values[-b:], dose.dtype)
+        items = self.item_scores(self.points(scored_metrics))
+        return items, GroupDirections(soft.union, dirs, tuple(dose.shape[1:]))

@@ -71,7 +71,7 @@ class _BlockMean:
 
 def test_guided_group_directions_are_unchanged(phantom):
     """The fixture was written by the code this replaced (``envs.base.SoftScorer`` at 754d10e,
-    now ``envs.guidance.SoftScorer`` over ``SoftScorecard``)."""
+    now ``envs.guidance.SoftScorer`` over ``SoftScorecard``); item scores are bit-exact."""
     from dosegym.envs.guidance import SoftScorer
 
     ref = json.loads(FIXTURE.read_text())
@@ -87,8 +87,9 @@ def test_guided_group_directions_are_unchanged(phantom):
     assert idx.tolist() == ref["voxels"]
     np.testing.assert_array_equal(items.double().numpy(), ref["items"])
     np.testing.assert_array_equal(scorer.item_scores(x0)[0].double().numpy(), ref["item_scores"])
-    np.testing.assert_array_equal(d.sum(1), ref["sum"])
-    np.testing.assert_array_equal(np.abs(d).sum(1), ref["abs_sum"])
-    np.testing.assert_array_equal(d[:, idx], ref["at_voxels"])
+    # directions (peak 1) from closed-form gradients: the autograd ones to float rounding
+    np.testing.assert_allclose(d.sum(1), ref["sum"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.abs(d).sum(1), ref["abs_sum"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(d[:, idx], ref["at_voxels"], rtol=1e-5, atol=1e-6)
     mcase = model_grid_case(phantom, res.model_grid, res.down)
     assert mcase.grid == res.model_grid and mcase.body is not None
