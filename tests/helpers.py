@@ -1,13 +1,19 @@
 """Helpers shared by test folders (import with ``from helpers import ...``; ``tests/`` is on
-``sys.path`` through the root conftest): the tiny model config, a small vector env, user folders."""
+``sys.path`` through the root conftest): the tiny model configs and policies, a small vector
+env, user folders. Test modules import from here, never from a ``conftest`` (several folders
+have one, and which ``conftest`` a bare import finds depends on what pytest collected first)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import gymnasium
+import torch
+from shared_data import PT_108, REPO, TRAIN_PATS, need
 
-from dosegym.diffusion import DosePolicy, ModelConfig, ModelSpec, UNetConfig
+from dosegym.diffusion import Any2Any, DosePolicy, ModelConfig, ModelSpec, PretrainConfig, UNetConfig
+
+TINY_YAML = REPO / "configs" / "pretrain_tiny.yaml"
 
 
 def tiny_policy_config() -> ModelConfig:
@@ -15,6 +21,43 @@ def tiny_policy_config() -> ModelConfig:
     spec = ModelSpec(shape=(16, 16, 16), spacing_mm=(10.0, 16.0, 16.0))
     unet = UNetConfig(base_channels=4, channel_mult=(1, 2), groups=2, attention_heads=1)
     return ModelConfig(spec=spec, unet=unet)
+
+
+def tiny_config(spec: ModelSpec, **updates) -> ModelConfig:
+    """The diffusion tests' tiny U-Net (8 base channels) on ``spec``."""
+    updates.setdefault("unet", UNetConfig(base_channels=8, channel_mult=(1, 2), groups=4, attention_heads=2))
+    return ModelConfig(spec=spec, **updates)
+
+
+def tiny_policy_with(prediction_type: str) -> DosePolicy:
+    """A tiny random policy predicting ``prediction_type`` with the shipped recipe's noise
+    schedule (configs/pretrain_shipped.yaml: cosine schedule, SNR shift)."""
+    shipped = PretrainConfig.from_yaml(REPO / "configs" / "pretrain_shipped.yaml").model.diffusion
+    cfg = tiny_policy_config().model_copy(
+        update={"diffusion": shipped.model_copy(update={"prediction_type": prediction_type})}
+    )
+    torch.manual_seed(0)
+    return DosePolicy(Any2Any(cfg), sampler="ddim", eta=1.0)
+
+
+def randomise_zero_init(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Give zero-initialised weights (residual branches start as identity) random values, so
+    that every input (timestep included) affects an untrained model's output, as in a
+    trained one."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.abs().sum() == 0:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return model
+
+
+def tiny_pretrain_config(cache: Path, **train) -> PretrainConfig:
+    """configs/pretrain_tiny.yaml with the data path made absolute and a private cache."""
+    need(PT_108)
+    cfg = PretrainConfig.from_yaml(TINY_YAML)
+    data = cfg.data.model_copy(update={"openkbp_dir": str(TRAIN_PATS), "cache_dir": str(cache)})
+    return cfg.model_copy(update={"data": data, "train": cfg.train.model_copy(update=train)})
 
 
 def user_folder(path: Path) -> Path:

@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import tiny_config
+from helpers import tiny_config
 
 from dosegym.diffusion.config import UNetConfig
 from dosegym.diffusion.model import Any2Any

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import randomise_zero_init, tiny_config
+from helpers import randomise_zero_init, tiny_config
 
 from dosegym.data.phantoms import generate_anatomy
 from dosegym.diffusion.chain import ReverseChain, seeded_generator

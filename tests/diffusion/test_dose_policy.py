@@ -9,7 +9,7 @@ import re
 import numpy as np
 import pytest
 import torch
-from conftest import randomise_zero_init, tiny_config
+from helpers import randomise_zero_init, tiny_config
 
 from dosegym.diffusion.checkpoint import load_model, save_checkpoint
 from dosegym.diffusion.model import Any2Any

@@ -12,8 +12,9 @@ from types import ModuleType
 
 import numpy as np
 import pytest
-from conftest import REPO, tiny_pretrain_config
+from helpers import tiny_pretrain_config
 from safetensors.torch import load_file
+from shared_data import REPO
 
 from dosegym.diffusion import train, train_data
 from dosegym.diffusion.config import PretrainConfig

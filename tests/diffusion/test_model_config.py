@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import REPO
+from shared_data import REPO
 
 from dosegym.diffusion.config import ModelConfig, PretrainConfig, WanConfig
 from dosegym.diffusion.slots import ModelSpec

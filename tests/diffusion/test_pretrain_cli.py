@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from conftest import tiny_pretrain_config
+from helpers import tiny_pretrain_config
 from safetensors.torch import load_file
 from shared_data import PT_108
 from typer.testing import CliRunner

@@ -10,7 +10,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_pretrain_config
+from helpers import tiny_pretrain_config
 
 from dosegym.diffusion.config import DiffusionConfig, parse_config
 from dosegym.diffusion.schedulers import make_scheduler, reverse_step

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import tiny_policy_config
-from shared_data import PT_108, REPO, TRAIN_PATS, need
+from shared_data import PT_108, TRAIN_PATS, need
 
 from dosegym.diffusion import Any2Any, DosePolicy, ModelConfig, ModelInput
 
@@ -80,16 +80,3 @@ def per_sample_policy(tiny_policy) -> DosePolicy:
     model = PerSampleAny2Any(tiny_policy_config())
     model.load_state_dict(tiny_policy.model.state_dict())
     return DosePolicy(model.eval(), sampler="ddim", eta=1.0)
-
-
-def tiny_policy_with(prediction_type: str) -> DosePolicy:
-    """A tiny random policy predicting ``prediction_type`` with the shipped recipe's noise
-    schedule (configs/pretrain_shipped.yaml: cosine schedule, SNR shift)."""
-    from dosegym.diffusion import PretrainConfig
-
-    shipped = PretrainConfig.from_yaml(REPO / "configs" / "pretrain_shipped.yaml").model.diffusion
-    cfg = tiny_policy_config().model_copy(
-        update={"diffusion": shipped.model_copy(update={"prediction_type": prediction_type})}
-    )
-    torch.manual_seed(0)
-    return DosePolicy(Any2Any(cfg), sampler="ddim", eta=1.0)

@@ -98,7 +98,7 @@ def test_sb3_sac_runs(tiny_policy, prostate_cases):
 def test_guidance_with_x0_and_epsilon_models(prediction_type, prostate_cases):
     """The shipped recipe predicts x0 (``prediction_type: sample``); guidance edits x̂0 and
     maps it back to the model's own output, so it works the same for every parametrisation."""
-    from conftest import tiny_policy_with
+    from helpers import tiny_policy_with
 
     policy = tiny_policy_with(prediction_type)
     case = prostate_cases[0]
