@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The measured alignment runs of issue 17, one after another, each resumable: a run that
+# finished (result.json) is skipped, an interrupted one continues from its checkpoint.
+#
+#   nohup bash benchmarks/align_runs.sh ~/runs/align phantoms > ~/runs/align.log 2>&1 &
+#   python benchmarks/align_summary.py ~/runs/align --reference phantoms=0.992 \
+#       --reference openkbp=0.759 --png curves.png
+#
+# TASK: phantoms (train on phantoms:headneck/train, evaluate on phantoms:headneck/test with
+# phantom_headneck) or openkbp (train on OpenKBP train-pats, evaluate on validation-pats with
+# headneck_rtog; OPENKBP=~/.cache/dosegym/openkbp by default). AGENTS and SEEDS (env) pick
+# the runs; SAMPLES is the budget of every run (the same for every agent).
+set -euo pipefail
+OUT=${1:?usage: align_runs.sh OUT_DIR TASK}
+TASK=${2:?usage: align_runs.sh OUT_DIR TASK}
+AGENTS=${AGENTS:-"ddpo ppo best_of_n"}
+SEEDS=${SEEDS:-"0 1 2"}
+SAMPLES=${SAMPLES:-256}
+OPENKBP=${OPENKBP:-$HOME/.cache/dosegym/openkbp}
+HERE="$(cd "$(dirname "$0")/.." && pwd)"
+
+case "$TASK" in
+  phantoms) DATA=(--cases phantoms:headneck/train --eval-cases phantoms:headneck/test --scorecard phantom_headneck) ;;
+  openkbp) DATA=(--cases "$OPENKBP/train-pats" --eval-cases "$OPENKBP/validation-pats" --scorecard headneck_rtog) ;;
+  *) echo "unknown task $TASK (phantoms or openkbp)"; exit 2 ;;
+esac
+
+for agent in $AGENTS; do
+  for seed in $SEEDS; do
+    run="$OUT/$TASK/$agent-s$seed"
+    if [ -f "$run/result.json" ]; then echo "done: $run"; continue; fi
+    resume=()
+    if [ -f "$run/run.json" ]; then resume=(--resume); fi
+    echo "$(date -u +%FT%TZ) start $run ${resume[*]}"
+    dosegym align --agent "$agent" --config "$HERE/configs/align/$agent.yaml" --seed "$seed" \
+      --samples "$SAMPLES" --out "$run" --diversity-samples 4 --no-progress "${DATA[@]}" "${resume[@]}"
+    echo "$(date -u +%FT%TZ) end $run"
+  done
+done
