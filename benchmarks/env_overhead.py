@@ -44,10 +44,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from data_paths import PT_108
+from bench_common import ROOT, build_policy, the_case
 
-from dosegym.diffusion import Any2Any, DosePolicy, PretrainConfig, load_pretrained, seeded_generator
-from dosegym.diffusion.policy import shipped_checkpoint_dir
+from dosegym.diffusion import DosePolicy, seeded_generator
 from dosegym.diffusion.schedulers import make_scheduler, output_for_x0, per_sample, reverse_step
 from dosegym.diffusion.slots import make_resampler
 from dosegym.envs.bandit import ScorecardBanditEnv, ScorecardBanditVectorEnv
@@ -56,36 +55,11 @@ from dosegym.envs.denoise import DenoiseDoseEnv, DenoiseDoseVectorEnv
 from dosegym.envs.guidance import SoftScorer
 from dosegym.envs.guided import GuidedConfig, GuidedDoseEnv, GuidedDoseVectorEnv
 
-ROOT = Path(__file__).resolve().parents[1]
-PATIENT = PT_108
 KINDS = {
     "denoise": ("DenoiseDose", DenoiseDoseEnv, DenoiseDoseVectorEnv),
     "guided": ("GuidedDose", GuidedDoseEnv, GuidedDoseVectorEnv),
     "bandit": ("ScorecardBandit", ScorecardBanditEnv, ScorecardBanditVectorEnv),
 }
-
-
-def build_policy(config: Path, device: str) -> tuple[DosePolicy, str]:
-    if (shipped_checkpoint_dir() / "config.json").is_file():
-        return load_pretrained(device=device), "shipped checkpoint"
-    if not config.is_file():
-        config = ROOT / "configs" / "pretrain_tiny.yaml"
-    cfg = PretrainConfig.from_yaml(config)
-    torch.manual_seed(0)
-    model = Any2Any(cfg.model)
-    where = config.relative_to(ROOT) if config.is_relative_to(ROOT) else config
-    name = f"random weights from {where} ({model.num_parameters():,} parameters)"
-    return DosePolicy(model, sampler="ddim", eta=1.0, device=device), name
-
-
-def the_case():
-    if PATIENT.is_dir():
-        from dosegym.data import read_case
-
-        return read_case(PATIENT), "OpenKBP pt_108"
-    from dosegym.data.phantoms import generate_anatomy
-
-    return generate_anatomy("headneck", index=0, seed=0), "generated head-and-neck phantom"
 
 
 class Timer:

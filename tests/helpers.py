@@ -5,6 +5,10 @@ have one, and which ``conftest`` a bare import finds depends on what pytest coll
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import gymnasium
@@ -85,3 +89,30 @@ def make_env(policy: DosePolicy, scorecard: str = "phantom_headneck", **kw):
         steps=4,
         **kw,
     )
+
+
+def save_tiny_checkpoint(folder: Path) -> Path:
+    """A model checkpoint of the tiny policy's random weights (seed 0) at ``folder``."""
+    from dosegym.diffusion.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    config = tiny_policy_config()
+    return save_checkpoint(folder, config, Any2Any(config).state_dict())
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def accelerate_launch(script: Path, *args: str, processes: int = 2, timeout: float = 300):
+    """``script args`` on ``processes`` CPU processes under ``accelerate launch``
+    (``ACCELERATE_USE_CPU=yes ... --multi_gpu``: accelerate's ``--cpu`` alone runs one
+    process), the repository on ``PYTHONPATH``; the ``CompletedProcess`` (text output)."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+           str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(free_port()), str(script), *args]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "ACCELERATE_USE_CPU": "yes"}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)

@@ -14,9 +14,11 @@ The run folder ``--out DIR`` (new, empty, or an earlier ``dosegym align`` run wi
 
 The agent's rollout env is the native vector env of the kind its class asks for
 (``Agent.env_kind``: ``"denoise"`` -> DenoiseDose with ``obs_backend="torch"`` and no
-pretrained log-prob, ``"guided"`` -> GuidedDose), ``--num-envs`` episodes in lockstep, on the
-train cases with the config's reward and sampler steps. Under ``accelerate launch`` every
-process trains; only the main one evaluates, writes and shows the progress bar.
+pretrained log-prob, ``"guided"`` -> GuidedDose), ``--num-envs`` episodes in lockstep (default
+a learner's ``samples_per_iteration`` over the processes), on the train cases with the config's
+reward and sampler steps. Under ``accelerate launch`` every process trains (the budget and
+``samples_per_iteration`` count the samples of all of them); only the main one (``RANK`` 0)
+checks and writes ``--out``, evaluates and shows the progress bar.
 """
 
 from __future__ import annotations
@@ -51,13 +53,16 @@ ENV_KINDS = {
 BAR_FIELDS = {"reward_mean": "reward", "score_mean": "score", "kl_mean": "KL", "mae_gy": "MAE"}
 
 
-def is_main_process() -> bool:
-    """False on the non-main processes of an ``accelerate launch`` (``WORLD_SIZE`` > 1)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return True
-    from accelerate import PartialState
+def world_size() -> int:
+    """The number of processes of an ``accelerate launch`` (its ``WORLD_SIZE``; 1 alone)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
-    return bool(PartialState().is_main_process)
+
+def is_main_process() -> bool:
+    """False on the non-main processes of an ``accelerate launch`` (``RANK`` > 0). Read from the
+    launcher's environment: an accelerate ``PartialState`` made here, before the agent's
+    ``Accelerator(cpu=...)``, would fix a single-process state on CPUs."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def default_eval_cases(cases: str) -> str:
@@ -218,11 +223,13 @@ def align(
     from dosegym.scorecards.registry import load_card
 
     started = time.perf_counter()
-    check_output_path(out, writer=ALIGN_WRITER)  # before any work
-    earlier = _read_json(out / RUN_FILE)
+    main = is_main_process()  # the others neither check nor write --out: the main one's refusal stops them
+    if main:
+        check_output_path(out, writer=ALIGN_WRITER)  # before any work
+    earlier = _read_json(out / RUN_FILE) if main else None
     if earlier is not None and not resume:
         raise AgentError(f"{out}: holds an earlier align run; continue it with --resume, or give a new --out")
-    if resume and earlier is None:
+    if main and resume and earlier is None:
         raise AgentError(f"{out}: no earlier align run to resume (no {RUN_FILE}); run without --resume")
     cls = registry.get(agent)
     cfg = cls.Config.from_yaml(config) if config is not None else cls.Config.coerce(None)
@@ -238,7 +245,7 @@ def align(
     cfg = cls.Config.coerce(cfg, **overrides)
     seeds = _seeds(eval_seeds)
     dev = resolve_device(device, "--device")
-    b = num_envs or (cfg.samples_per_iteration if cls.learns else 1)
+    b = num_envs or (cfg.samples_per_iteration // world_size() if cls.learns else 1)  # per process
     run = {
         "agent": agent,
         "config": cfg.to_dict(),
@@ -250,7 +257,6 @@ def align(
     }
     if earlier is not None:
         _check_resume(earlier, run, force)
-    main = is_main_process()
     if main:
         with atomic_folder(out, ALIGN_WRITER) as tmp:
             (tmp / RUN_FILE).write_text(json_text(run), encoding="utf-8")
@@ -283,7 +289,7 @@ def align(
     wall_before = float(learner.curves[-1]["wall_s"]) if getattr(learner, "curves", None) else 0.0
 
     eval_list = learner.eval_cases()
-    before = _read_json(out / BEFORE_FILE) if resume else None
+    before = _read_json(out / BEFORE_FILE) if resume and main else None
     if main and before is None:
         before = evaluate(learner, eval_list, seeds, diversity_samples).to_dict()
         with atomic_path(out / BEFORE_FILE) as tmp:

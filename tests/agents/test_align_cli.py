@@ -17,8 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from helpers import tiny_policy_config
+from helpers import save_tiny_checkpoint
 from typer.testing import CliRunner
 
 from dosegym import agents
@@ -60,12 +59,7 @@ runner = CliRunner()
 
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory) -> Path:
-    from dosegym.diffusion import Any2Any
-    from dosegym.diffusion.checkpoint import save_checkpoint
-
-    torch.manual_seed(0)
-    config = tiny_policy_config()
-    return save_checkpoint(tmp_path_factory.mktemp("model") / "tiny", config, Any2Any(config).state_dict())
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("model") / "tiny")
 
 
 def align(checkpoint: Path, out: Path, *extra: str, samples: int = 4, agent: str = "plumbing"):
