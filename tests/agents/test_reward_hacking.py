@@ -13,12 +13,14 @@ Measured (this setup, agent seeds 0 / 1 / 2): the rollouts' mean normalised scor
 (reference 10.7 Gy) and the MAE to the reference from 16.0 to 27.0 / 17.7 / 25.7 Gy. The
 assertions use seed 0 with margins about half of its changes.
 
-What this does **not** show on the tiny random model (measured, and the reason the fidelity
-half below is an expected failure): the rise is not reward-driven alone. Its dose drifts
+What this does **not** show on the tiny random model (measured, and why the fidelity half is
+not a test here): the rise is not reward-driven alone. Its dose drifts
 upward under any reward at these learning rates (a pure fidelity reward, ``w_score=0,
 w_fid=1``, raises the MAE from 15.5 to 26 Gy at seed 0), and ``w_fid`` 5 or 20 does not hold
 the MAE (seed 0: 25.6 / 24.7 Gy); with ``mode="is"`` and trl's clip range 1e-4 nothing moves in
-10 iterations. That DDPO with ``w_fid`` on keeps the MAE is to be shown on the shipped model.
+10 iterations. (Adam moves every full weight of a random 16^3 model by about the learning
+rate per step whatever the gradient's sign, which swamps so small a model.) That the fidelity
+term holds the MAE is measured on the shipped model (issue 17's note), not here.
 """
 
 from __future__ import annotations
@@ -26,7 +28,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 from helpers import make_env, tiny_policy_config
 
@@ -92,13 +93,3 @@ def test_without_fidelity_the_score_rises_and_so_do_the_dose_outside_the_targets
     assert r["score_last"] > r["score_first"] + 0.2, r  # measured 0.07 -> 0.50
     assert r["outside_after"] > r["outside_before"] + 10.0, r  # measured 7.5 -> 31.7 Gy
     assert r["mae_after"] > r["mae_before"] + 5.0, r  # measured 16.0 -> 27.0 Gy
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="tiny random model: the dose drifts up under any reward (see the module docstring); "
-    "measured MAE 16.0 -> 25.6 Gy with w_fid=5",
-)
-def test_with_fidelity_the_mae_stays_within_a_bound(tmp_path, headneck28):
-    r = run(tmp_path, headneck28, w_fid=5.0)
-    assert r["mae_after"] < r["mae_before"] + 1.0, r
