@@ -58,6 +58,19 @@ def soft_volume(x: Tensor, lower: Tensor, upper: Tensor, w: Tensor, tau: float) 
     return (ramp * w).sum(dim=1)
 
 
+def volume_or_end(
+    volume: float, unit: str, total_cc: float, max_gy: Tensor, min_gy: Tensor
+) -> tuple[float, Tensor | None]:
+    """``(v, end)``: the volume in cc and, where D(v) needs no search, its dose: the maximum at
+    ``v <= 0``, the minimum at ``v >=`` the structure's volume (else ``None``)."""
+    v = volume_cc(volume, unit, total_cc)
+    if v <= 0.0:
+        return v, max_gy
+    if v >= total_cc:
+        return v, min_gy
+    return v, None
+
+
 def volume_cc(volume: float, unit: str, total_cc: float) -> float:
     """A volume in ``unit`` (``"%"`` of ``total_cc`` or ``"cc"``) in cc."""
     if unit == "%":
@@ -157,11 +170,9 @@ class SoftDVH:
         return soft_root_window(v, lower, w, self.tau)[0]
 
     def dose_at_volume(self, volume: float, unit: str = "%") -> Tensor:
-        v = volume_cc(volume, unit, self.total_volume_cc)
-        if v <= 0.0:
-            return self.max_gy
-        if v >= self.total_volume_cc:
-            return self.min_gy
+        v, end = volume_or_end(volume, unit, self.total_volume_cc, self.max_gy, self.min_gy)
+        if end is not None:
+            return end
         lower, upper, w = self._ramp_bounds()
         with torch.no_grad():
             ld, ud = lower.detach(), upper.detach()

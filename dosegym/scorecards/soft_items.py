@@ -37,7 +37,7 @@ from dosegym.errors import ScorecardError
 from dosegym.scorecards.bound import BoundScorecard
 from dosegym.scorecards.metrics import NEEDS_BODY, evaluate_spec
 from dosegym.scorecards.metrics_torch import torch_ratio
-from dosegym.scorecards.soft import check_temperature, volume_cc, volume_in
+from dosegym.scorecards.soft import check_temperature, volume_in, volume_or_end
 from dosegym.scorecards.soft_root import soft_root_window
 
 Tensor = torch.Tensor
@@ -77,12 +77,8 @@ class _ItemDVH:
         return volume_in(self._get("vx", dose_gy), unit, self.total_volume_cc).to(self.dtype)
 
     def dose_at_volume(self, volume: float, unit: str = "%") -> Tensor:
-        v = volume_cc(volume, unit, self.total_volume_cc)
-        if v <= 0.0:
-            return self.max_gy
-        if v >= self.total_volume_cc:
-            return self.min_gy
-        return self._get("dx", v).to(self.dtype)
+        v, end = volume_or_end(volume, unit, self.total_volume_cc, self.max_gy, self.min_gy)
+        return end if end is not None else self._get("dx", v).to(self.dtype)
 
 
 class SoftItems:
