@@ -147,6 +147,8 @@ class Agent:
         self.samples_trained = 0
         self.trains: dict[str, Any] = {"train": "nothing"}
         self.policy = policy
+        self._merged: lora.MergedCopy | None = None  # sampling_policy()'s copy and its policy
+        self._sampling: DosePolicy | None = None
         if self.learns and self.trains_denoiser:
             c = self.config
             with torch.random.fork_rng(devices=[]):  # the adapters' initial weights follow the seed
@@ -172,6 +174,21 @@ class Agent:
     def reference(self) -> DosePolicy:
         """The frozen reference for KL terms: the base policy's :meth:`DosePolicy.reference`."""
         return self.base_policy.reference()
+
+    def sampling_policy(self) -> DosePolicy:
+        """The policy rollouts and predictions sample from: with LoRA, a plain copy of the
+        denoiser with the adapters' current weights folded in (:class:`~dosegym.agents.lora.MergedCopy`,
+        synced on every call: ~10 ms for the shipped model; the same doses to float rounding,
+        at the base model's cost per forward); otherwise :attr:`policy` itself."""
+        if self.trains.get("train") != "lora":
+            return self.policy
+        if self._merged is None or self._merged.source is not self.policy.model:
+            self._merged = lora.MergedCopy(self.policy.model)
+            p = self.policy
+            self._sampling = DosePolicy(self._merged.model, sampler=p.sampler, eta=p.eta, device=p.device)
+        self._merged.sync()
+        assert self._sampling is not None
+        return self._sampling
 
     def parameters(self) -> list[torch.nn.Parameter]:
         """The parameters that train (the LoRA adapters, or every weight; none for Best-of-N)."""
@@ -369,9 +386,8 @@ class Agent:
     def predict(self, case: Case, seed: int = 0) -> np.ndarray:
         """The dose of ``case`` in Gy on its grid, ``(Z, Y, X)`` ``float32`` (like ``DosePolicy.predict``)."""
         c = self.config
-        return self.policy.predict(
-            case, steps=c.sample_num_steps, sampler=self.policy.sampler, seed=seed, eta=c.predict_eta
-        )
+        p = self.sampling_policy()
+        return p.predict(case, steps=c.sample_num_steps, sampler=p.sampler, seed=seed, eta=c.predict_eta)
 
     def save(self, folder: str | Path, training_state: bool = False) -> Path:
         """Write the agent atomically into ``folder`` (see the module docstring); with
@@ -484,6 +500,7 @@ class Agent:
         agent.base_checkpoint = base
         agent.base_policy, agent.base_fingerprint = policy, doc["base_fingerprint"]
         agent.policy, agent.trains = policy, {"train": "nothing"}
+        agent._merged = agent._sampling = None
         if cls.learns and cls.trains_denoiser:
             agent.policy, agent.trains = lora.load_trainable(folder, policy)
             agent.trains["trainable_parameters"] = sum(p.numel() for p in agent.parameters())

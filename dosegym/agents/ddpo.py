@@ -317,7 +317,7 @@ class DDPO(Agent):
         if group > 1:
             rng = np.random.default_rng(self.rollout_seed(len(seeds)))
             picks = [case_groups(len(env.core.source), env.num_envs, group, rng) for _ in seeds]
-        ro = collect(env, self.policy, seeds, c.sample_eta, picks)
+        ro = collect(env, self.sampling_policy(), seeds, c.sample_eta, picks)
         rewards = ro.rewards
         self._check_rewards(ro, rewards, seeds)
 

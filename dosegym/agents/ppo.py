@@ -201,9 +201,11 @@ class PPO(SB3Agent):
         self.record_grad_norms(sb3_policy.optimizer)
 
     def before_iteration(self) -> None:
-        """Reseed the policy's action noise from ``(seed, iteration)``."""
+        """Reseed the policy's action noise from ``(seed, iteration)``; the rollouts' denoiser
+        (:meth:`sampling_policy`: the adapters folded in) synced to the last update."""
         seed = rollout_seed(self.config.seed, self.iteration, 1, ACTION_NOISE)  # index 0: scoped_seed
         self.model.policy.noise_generator.manual_seed(seed)
+        self.model.policy.use_for_rollouts(self.sampling_policy().model)
 
     def _tell_gaussian(self, core: DoseCore) -> None:
         """Before a step: the policy's Gaussian of the actions it just chose, for the env's KL."""

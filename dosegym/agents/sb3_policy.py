@@ -166,6 +166,9 @@ class DenoiserPolicy(ActorCriticPolicy):
         self.steps, self.eta = int(steps), float(eta)
         self.noise_generator = torch.Generator("cpu")
         self.last_gaussian: tuple[torch.Tensor, torch.Tensor] | None = None
+        #: What :meth:`forward` (rollouts) steps with: the denoiser itself (None) or a copy with
+        #: the same weights that is cheaper to run (the agent's LoRA-merged copy), unregistered.
+        self.rollout_denoiser: nn.Module | None = None
         spec = dose_policy.spec
         self.cond_slots = [s for s in spec.slots if s != spec.generate]
         self.generate_slot = spec.generate
@@ -225,11 +228,14 @@ class DenoiserPolicy(ActorCriticPolicy):
         """``(B,)`` integer timesteps of observations (their ``timestep`` fraction)."""
         return torch.round(obs["timestep"].reshape(-1).double() * (self.num_train_timesteps - 1)).long()
 
-    def step_gaussian(self, obs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def step_gaussian(
+        self, obs: dict[str, torch.Tensor], denoiser: nn.Module | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(mean (B, C, Z, Y, X), std (B, 1, 1, 1, 1))`` of the reverse step at each
-        observation (differentiable in the adapters when grad is enabled)."""
+        observation with ``denoiser`` (default :attr:`denoiser`: differentiable in the
+        adapters when grad is enabled)."""
         x, t = obs["x_t"], self.timesteps(obs)
-        out = self.denoiser(x, t, self.model_input(obs))
+        out = (self.denoiser if denoiser is None else denoiser)(x, t, self.model_input(obs))
         step = reverse_step(self.scheduler, out, t, x, eta=self.eta, variance_noise=torch.zeros_like(x))
         if not bool(torch.isfinite(step.mean.detach()).all()):
             raise AgentError(
@@ -238,9 +244,17 @@ class DenoiserPolicy(ActorCriticPolicy):
             )
         return step.mean, step.std
 
-    def get_distribution(self, obs: dict[str, torch.Tensor]) -> ElementMeanGaussian:
+    def use_for_rollouts(self, denoiser: nn.Module | None) -> None:
+        """Step rollouts (:meth:`forward`) with ``denoiser`` (None: :attr:`denoiser`); kept out
+        of the module tree (not in the state dict, the optimizer nor ``.to``)."""
+        self.__dict__["rollout_denoiser"] = denoiser
+
+    def get_distribution(
+        self, obs: dict[str, torch.Tensor], denoiser: nn.Module | None = None
+    ) -> ElementMeanGaussian:
         obs = self.obs_to_dict(obs)
-        return ElementMeanGaussian(self.noise_generator).proba_distribution(*self.step_gaussian(obs))
+        mean, std = self.step_gaussian(obs, denoiser)
+        return ElementMeanGaussian(self.noise_generator).proba_distribution(mean, std)
 
     def obs_to_dict(self, obs: Any) -> dict[str, torch.Tensor]:
         """SB3's preprocessing of an observation (float tensors)."""
@@ -253,8 +267,9 @@ class DenoiserPolicy(ActorCriticPolicy):
         self, obs: Any, deterministic: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Actions ``(B, C, Z, Y, X)``, values ``(B, 1)`` and log-probs ``(B,)`` (rollouts);
-        the step Gaussian is kept in :attr:`last_gaussian` (for the env's KL)."""
-        dist = self.get_distribution(obs)
+        the step Gaussian (of :attr:`rollout_denoiser` when set) is kept in
+        :attr:`last_gaussian` (for the env's KL)."""
+        dist = self.get_distribution(obs, self.rollout_denoiser)
         actions = dist.get_actions(deterministic=deterministic)
         self.last_gaussian = (dist.mean, dist.std)
         return actions, self.predict_values(obs), dist.log_prob(actions)

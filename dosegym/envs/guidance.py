@@ -30,7 +30,7 @@ class SoftScorer:
 
     def dose_gy(self, x: torch.Tensor, clamp: bool = True) -> torch.Tensor:
         """Model-grid Gy of ``x``, clamped at 0 as decoding does unless ``clamp=False``
-        (guidance: the clamp would hide the gradient wherever x̂0 is negative)."""
+        (the unclamped dose is what the clamp's gradient would see)."""
         dose = (x[:, 0].clamp_min(0.0) if clamp else x[:, 0]) * self.unit_gy
         body = self.soft.body(dose.device)
         return dose if body is None else dose * body.to(dose.dtype)
@@ -42,9 +42,12 @@ class SoftScorer:
 
     def guidance(self, x0: torch.Tensor) -> tuple[torch.Tensor, GroupDirections]:
         """Item scores ``(B, n_items)`` of x̂0 ``(B, C, Z, Y, X)`` and each objective group's
-        ascent direction there (:meth:`SoftScorecard.group_directions`, on ``(C, Z, Y, X)``):
-        the gradient of the unclamped dose, ``d dose / d x[:, 0] = unit_gy * body``, so only
-        channel 0 moves."""
+        ascent direction there (:meth:`SoftScorecard.group_directions`, on ``(C, Z, Y, X)``).
+
+        Both at the decoded dose (:meth:`dose_gy`, clamped at 0), the gradient passed straight
+        through the clamp: ``d dose / d x[:, 0] = unit_gy * body`` everywhere, so voxels where
+        x̂0 < 0 are guided too (the clamp's own derivative, 0 there, would stop them) and only
+        channel 0 moves. One dose for scores and gradients: one root search."""
         x = x0.detach()
         key = (str(x.device), x.dtype)
         if key not in self._gain:
@@ -52,10 +55,8 @@ class SoftScorer:
             gain = torch.full(x.shape[2:], self.unit_gy, dtype=x.dtype, device=x.device)
             self._gain[key] = gain if body is None else gain * body.to(x.dtype)
         gain = self._gain[key]
-        dose = x[:, 0] * gain  # dose_gy(x, clamp=False); clamped, dose_gy(x): the same values
-        items, dirs = self.soft.group_directions(
-            dose, dose.clamp_min(0.0), temperature=self.temperature_gy, gain=gain
-        )
+        dose = x[:, 0].clamp_min(0.0) * gain  # dose_gy(x): the same values
+        items, dirs = self.soft.group_directions(dose, temperature=self.temperature_gy, gain=gain)
         return items, dirs._replace(shape=tuple(x.shape[1:]))
 
     def group_directions(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -144,8 +144,9 @@ class GuidedDoseEnv(DoseEnv):
     2. for each objective group g (:data:`~dosegym.scorecards.groups.GROUP_NAMES`: ``targets``, one
        group per canonical OAR group, ``hot_spots``; items assigned by
        :func:`~dosegym.scorecards.groups.objective_group`) the gradient with respect to x̂0 of the
-       group's soft objective (its items' soft metrics on the model grid, Gy = x̂0 x highest
-       Rx, each along its scoring curve's slope, see :class:`~dosegym.scorecards.soft_card.SoftScorecard`)
+       group's soft objective (its items' soft metrics on the model grid of the decoded dose,
+       Gy = max(x̂0, 0) x highest Rx, the gradient passed straight through the clamp; each
+       along its scoring curve's slope, see :class:`~dosegym.scorecards.soft_card.SoftScorecard`)
        is scaled so that its largest voxel value is 1: d_g;
     3. x̂0' = x̂0 + guidance_scale * sum_g w_g d_g, with w_g = (a_g + 1) / 2 in [0, 1];
     4. the model output implied by x̂0' at x_t is fed to the sampler's step, giving the guided

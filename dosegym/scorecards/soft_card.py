@@ -232,15 +232,21 @@ class SoftScorecard:
 
     # -- guidance ---------------------------------------------------------------------------
     def group_directions(
-        self, dose_gy: Tensor, scored_gy: Tensor, *, temperature: float, gain: Tensor | None = None
+        self,
+        dose_gy: Tensor,
+        scored_gy: Tensor | None = None,
+        *,
+        temperature: float,
+        gain: Tensor | None = None,
     ) -> tuple[Tensor, GroupDirections]:
         """Item scores and the ascent direction of each objective group, for a batch.
 
         ``dose_gy`` ``(B, Z, Y, X)``: the doses (Gy) where the gradients are taken; ``gain``
         ``(Z, Y, X)``: ``d dose / d u`` of the variable ``u`` guided, of which the dose is an
         elementwise function (``None``: the dose itself); ``scored_gy`` ``(B, Z, Y, X)``: the
-        doses whose normalised item scores are returned. Returns item scores ``(B, n_items)``
-        and the directions in ``u`` (:class:`GroupDirections` on the grid ``(Z, Y, X)``).
+        doses whose normalised item scores are returned (``None``: ``dose_gy`` itself).
+        Returns item scores ``(B, n_items)`` and the directions in ``u`` (:class:`GroupDirections`
+        on the grid ``(Z, Y, X)``).
 
         No backward pass over the soft metrics nor the grid: one batched backward through the
         items' formulas gives each group's gradient with respect to the primitives, which the
@@ -248,10 +254,13 @@ class SoftScorecard:
         structures' voxels. The batch shares every op (one root search for all)."""
         soft = self.soft_items(dose_gy.device)
         dose = soft.check(dose_gy.detach(), temperature)
-        scored = soft.check(scored_gy.detach(), temperature)
         b = dose.shape[0]
-        gathered = soft.gather(torch.cat([dose, scored]).reshape(2 * b, -1))
-        same = bool(torch.equal(gathered[:b], gathered[b:]))  # no voxel of a structure differs
+        if scored_gy is None:
+            gathered, same = soft.gather(dose.reshape(b, -1)), True
+        else:
+            scored = soft.check(scored_gy.detach(), temperature)
+            gathered = soft.gather(torch.cat([dose, scored]).reshape(2 * b, -1))
+            same = bool(torch.equal(gathered[:b], gathered[b:]))  # no voxel of a structure differs
         values, jac = soft.primitives(gathered[:b] if same else gathered, float(temperature), jacobian=True)
         dirs = torch.zeros((b, len(GROUP_NAMES), soft.union.numel()), dtype=dose.dtype, device=dose.device)
         live = [g for g, idx in enumerate(self.groups) if idx]

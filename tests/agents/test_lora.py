@@ -107,3 +107,54 @@ def test_bad_lora_targets_list_valid_ones(tiny_policy):
     assert {n.split(".lora_")[0] for n, _ in agent.policy.model.named_parameters() if "lora_" in n} == {
         "backbone.mid1.conv1"
     }
+
+
+def test_merged_copy_folds_every_layer_kind_exactly():
+    """1x1x1 and 3x3x3 Conv3d and Linear layers: the copy's outputs are the LoRA model's to
+    float rounding (peft 0.21's own get_delta_weight fails on the 1x1x1 Conv3d)."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv3d(3, 6, 1),
+        torch.nn.Conv3d(6, 4, 3, padding=1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(4 * 27, 5),
+    )
+    lora.inject_lora(net, rank=2, alpha=4.0)
+    with torch.no_grad():
+        for n, p in net.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0.0, 0.3)
+    copy = lora.MergedCopy(net)
+    x = torch.randn(2, 3, 3, 3, 3)
+    with torch.no_grad():
+        torch.testing.assert_close(copy.model(x), net(x), rtol=1e-5, atol=1e-5)
+    assert [type(m).__name__ for m in copy.model] == ["Conv3d", "Conv3d", "Flatten", "Linear"]
+    assert not any(p.requires_grad for p in copy.model.parameters())
+
+
+def test_rollouts_and_predictions_sample_from_the_merged_copy(tiny_policy, cond, headneck28):
+    from peft.tuners.lora import LoraLayer
+
+    agent = _Trainer(None, tiny_policy, {"train": "lora", "lora_rank": 2})
+    _one_step(agent, cond)
+    model = agent.policy.model
+    bases = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" not in n}
+    sampling = agent.sampling_policy()
+    assert not any(isinstance(m, LoraLayer) for m in sampling.model.modules())
+    x = torch.randn((1, 1, *agent.policy.spec.shape), generator=torch.Generator().manual_seed(2))
+    t = torch.tensor([700])
+    for _ in range(2):  # after each update the copy follows the adapters
+        with torch.no_grad():
+            lora_out, merged_out = model(x, t, cond), agent.sampling_policy().model(x, t, cond)
+            assert float((lora_out - tiny_policy.model(x, t, cond)).abs().max()) > 1e-3
+        torch.testing.assert_close(merged_out, lora_out, rtol=1e-5, atol=1e-5)
+        _one_step(agent, cond)
+    assert agent.sampling_policy() is sampling
+    for n, p in model.named_parameters():  # nothing is merged into the trained model itself
+        if "lora_" not in n:
+            torch.testing.assert_close(p.detach(), bases[n], rtol=0, atol=0)
+    c = agent.config
+    through_lora = agent.policy.predict(headneck28, steps=c.sample_num_steps, seed=3, eta=c.predict_eta)
+    np.testing.assert_allclose(agent.predict(headneck28, 3), through_lora, rtol=0, atol=1e-3)
+    full = _Trainer(None, tiny_policy, {"train": "full"})
+    assert full.sampling_policy() is full.policy

@@ -93,3 +93,24 @@ def test_guided_group_directions_are_unchanged(phantom):
     np.testing.assert_allclose(d[:, idx], ref["at_voxels"], rtol=1e-5, atol=1e-6)
     mcase = model_grid_case(phantom, res.model_grid, res.down)
     assert mcase.grid == res.model_grid and mcase.body is not None
+
+
+def test_guidance_is_taken_at_the_decoded_dose_straight_through_the_clamp(phantom):
+    """Scores and gradients of x̂0 at the decoded (clamped) dose, the gradient passed through the
+    clamp: voxels where x̂0 < 0 are guided (mean-dose groups move them as any other voxel)."""
+    from dosegym.envs.guidance import SoftScorer
+
+    res = _BlockMean(phantom)
+    scorer = SoftScorer(load_card("phantom_prostate"), phantom, res, 1.0)
+    x0 = torch.from_numpy(res.down(phantom.dose) / res.rx_max_gy - 0.3)[None, None]
+    items, dirs = scorer.guidance(x0)
+    dose = scorer.dose_gy(x0)
+    gain = scorer._gain[(str(x0.device), x0.dtype)]
+    ref_items, ref_dirs = scorer.soft.group_directions(dose, dose, temperature=1.0, gain=gain)
+    torch.testing.assert_close(items, ref_items, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(dirs.values, ref_dirs.values, rtol=0, atol=0)
+    torch.testing.assert_close(items, scorer.item_scores(x0), rtol=1e-6, atol=1e-7, equal_nan=True)
+    dense = dirs.dense()[0, :, 0]
+    negative = (x0[0, 0] < 0) & (gain > 0)
+    assert int(negative.sum()) > 100
+    assert float(dense[:, negative].abs().amax()) > 0.1  # the clamp's zero gradient would stop these
