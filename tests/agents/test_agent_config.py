@@ -134,3 +134,17 @@ def test_register_a_plugin_agent(tiny_policy, tmp_path):
             agents.get("best_of_n").load(tmp_path / "p", policy=tiny_policy)
     finally:
         registry._CLASSES.pop("plugin", None)
+
+
+def test_every_shipped_align_config_loads_into_its_agent():
+    """``configs/align/<agent>.yaml`` (what benchmarks/align_runs.sh runs): one per agent name
+    it names, each a valid config of that agent."""
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[2] / "configs" / "align"
+    files = sorted(folder.glob("*.yaml"))
+    assert {f.stem for f in files} >= {"ddpo", "ppo", "best_of_n", "ppo_guided", "sac_guided"}
+    for f in files:
+        cls = agents.get(f.stem)
+        cfg = cls.Config.from_yaml(f)
+        assert cfg.agent_name == f.stem and cfg.samples_per_iteration >= 1
