@@ -16,7 +16,8 @@ flatten them and lose their layout, so :class:`GuidedFeatures` reshapes ``featur
 to ``(2C, pool, pool, pool)`` and applies one ``Conv3d`` (3³, padding 1, SiLU), flattened,
 joined with ``timestep`` and ``scores``; SB3's MLPs follow (actor and critic share it).
 
-**Rollouts** run on a twin of the env's core with ``sample_num_steps`` steps and the
+**Rollouts** run on a twin of the env's core with ``sample_num_steps`` steps, the config's
+``guidance_scale`` (when set) and the
 config's reward. **Episodes and seeds** as every SB3 agent (:mod:`dosegym.agents.sb3_agent`): one iteration
 is ``samples_per_iteration`` whole episodes; SB3's global draws (action noise, minibatch
 order, replay sampling) are seeded per iteration and scoped.
@@ -84,6 +85,9 @@ class PPOGuidedConfig(PPOFields):
 
     features_channels: int = Field(8, ge=1)
     """Channels of GuidedFeatures' Conv3d."""
+    guidance_scale: float | None = Field(None, ge=0)
+    """GuidedDose's ``guidance_scale`` (units of the highest Rx) for rollouts and predictions;
+    None: the env's own."""
 
 
 class SACGuidedConfig(AgentConfig):
@@ -109,6 +113,9 @@ class SACGuidedConfig(AgentConfig):
     """Entropy coefficient, or "auto" (learned towards the target entropy)."""
     features_channels: int = Field(8, ge=1)
     """Channels of GuidedFeatures' Conv3d."""
+    guidance_scale: float | None = Field(None, ge=0)
+    """GuidedDose's ``guidance_scale`` (units of the highest Rx) for rollouts and predictions;
+    None: the env's own."""
 
 
 class SB3Guided(SB3Agent):
@@ -136,13 +143,19 @@ class SB3Guided(SB3Agent):
             raise AgentError(f"{type(self).__name__} runs on GuidedDose; got a {type(core).__name__} env")
         return core
 
+    def env_changes(self) -> dict[str, Any]:
+        """What the agent sets on the env's config: its steps, and its guidance scale if any."""
+        c = self.config
+        scale = {} if c.guidance_scale is None else {"guidance_scale": float(c.guidance_scale)}
+        return {"steps": c.sample_num_steps, **scale}
+
     def setup_training(self, iterations: int) -> None:
         """Build SB3's model on the rollout env once (or give a loaded one the env)."""
         if self.vec_env is not None:
             return
         self._guided_core()
         self.n_steps()  # a config n_steps that does not make whole episodes is refused here
-        core = rollout_core(self.env, steps=self.config.sample_num_steps, reward=self.config.reward_config())
+        core = rollout_core(self.env, reward=self.config.reward_config(), **self.env_changes())
         vec_env = self.make_vec_env(core)
         if self.model is not None:
             self.model.set_env(vec_env)
@@ -178,7 +191,7 @@ class SB3Guided(SB3Agent):
         Before any training (no SB3 model yet) every weight is -1: no guidance, the frozen
         model's own episode (what ``dosegym align`` evaluates as "before")."""
         core = self._guided_core()
-        config = dataclasses.replace(core.config, cases=[case], steps=self.config.sample_num_steps)
+        config = dataclasses.replace(core.config, cases=[case], **self.env_changes())
         one = type(core)(config, 1)
         obs, _ = one.reset([seeding.np_random(seed)[0]], None)
         while one.running:

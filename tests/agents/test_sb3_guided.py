@@ -96,3 +96,16 @@ def test_predict_before_learning_is_the_unguided_model(guided_env, tiny_policy, 
 def test_needs_a_guided_env(env, tiny_policy):
     with pytest.raises(AgentError, match="runs on GuidedDose"):
         make(PPOGuided, env, tiny_policy).learn(2)
+
+
+@pytest.mark.parametrize("cls", [PPOGuided, SACGuided])
+def test_the_config_guidance_scale_reaches_rollouts_and_predictions(cls, guided_env, tiny_policy, headneck28):
+    unguided = make(cls, guided_env, tiny_policy).predict(headneck28, seed=1)
+    infos = []
+    none = make(cls, guided_env, tiny_policy, guidance_scale=0.0)
+    none.learn(2, callback=lambda a, info: infos.append(info))
+    assert math.isfinite(infos[0]["reward_mean"])
+    np.testing.assert_array_equal(none.predict(headneck28, seed=1), unguided)  # scale 0: actions do nothing
+    strong = make(cls, guided_env, tiny_policy, guidance_scale=2.0)
+    strong.learn(2)
+    assert float(np.abs(strong.predict(headneck28, seed=1) - unguided).max()) > 0.1
