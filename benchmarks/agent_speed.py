@@ -4,12 +4,16 @@ Measured in one run, on one model and case, at one batch size B and ``--steps`` 
 steps (DDIM, eta 1), with ``reward.w_kl = 0`` (the env never runs the frozen model):
 
 * **raw sampler**: ``ReverseChain`` of the same model, B chains in lockstep, on-policy
-  (``chain.run()``: one model forward + ``reverse_step`` per step; no decoding, no scoring);
+  (``chain.run()``: one model forward + ``reverse_step`` per step; no decoding, no scoring),
+  on B materialised copies of the case's conditions, as the env batches them (a stride-0
+  ``expand`` of one case runs the model ~8 % faster at B = 8 than B real copies; training
+  batches hold different cases);
 * **rollout** of each agent: B whole episodes through its env, what the agent's training
-  collects before it updates: DDPO ``dosegym.agents.rollout.collect`` on the DenoiseDose
-  vector env (its own step Gaussian each step, the trajectory kept, the final dose decoded
-  and scored); the SB3 agents (``ppo`` on DenoiseDose, ``ppo_guided`` and ``sac_guided`` on
-  GuidedDose) one ``learn`` iteration of B episodes minus the time SB3 spends in its update
+  collects before it updates: DDPO ``dosegym.agents.rollout.collect`` (of
+  ``agent.sampling_policy()``, the adapters merged) on the DenoiseDose vector env (its own
+  step Gaussian each step, the trajectory kept, the final dose decoded and scored); the SB3
+  agents (``ppo`` on DenoiseDose, ``ppo_guided`` and ``sac_guided`` on GuidedDose) one
+  ``learn`` iteration of B episodes minus the time SB3 spends in its update
   (``model.train``, timed by wrapping it), i.e. SB3's ``collect_rollouts`` phase. GuidedDose
   steps also compute the soft-scorecard guidance, so their ratio is below DenoiseDose's by
   that cost;
@@ -30,6 +34,7 @@ Model: the shipped checkpoint when there is one, else random weights from ``--co
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import time
 from pathlib import Path
@@ -95,7 +100,8 @@ def timed_update(agent: Any) -> list[float]:
 def measure(name: str, policy: DosePolicy, case, b: int, steps: int, repeats: int, device: str) -> dict:
     """Median seconds of the raw sampler, the agent's rollout and its training iteration."""
     timer = Timer(device)
-    cond = policy.conditions(case).expand(b)
+    one = policy.conditions(case).expand(b)
+    cond = dataclasses.replace(one, tensors={k: v.contiguous() for k, v in one.tensors.items()})
     agent = make_agent(name, policy, case, b, steps)
     agent.learn(b)  # warm-up: setup, case preparation, SB3's model
     spent = timed_update(agent)
@@ -103,7 +109,8 @@ def measure(name: str, policy: DosePolicy, case, b: int, steps: int, repeats: in
     for rep in range(repeats):
         raw.append(timer(raw_sampler, policy, cond, steps, rep))
         if name == "ddpo":
-            rollout.append(timer(collect, agent.env, agent.policy, [1000 + rep], agent.config.sample_eta))
+            sampling = agent.sampling_policy()
+            rollout.append(timer(collect, agent.env, sampling, [1000 + rep], agent.config.sample_eta))
         spent.clear()
         train.append(timer(agent.learn, b))
         if name != "ddpo":
