@@ -54,6 +54,7 @@ from gymnasium import spaces
 from pydantic import Field
 
 from dosegym.agents.sb3_agent import PPOFields, SB3Agent
+from dosegym.agents.sb3_buffer import VolumeRolloutBuffer
 from dosegym.agents.sb3_env import ACTION_NOISE, MODEL_INIT, rollout_core, rollout_seed, scoped_seed
 from dosegym.agents.sb3_policy import DenoiserPolicy
 from dosegym.envs.core import DoseCore
@@ -188,6 +189,7 @@ class PPO(SB3Agent):
                 max_grad_norm=c.max_grad_norm,
                 target_kl=c.target_kl,
                 policy_kwargs=policy_kwargs,
+                rollout_buffer_class=VolumeRolloutBuffer,
                 device=self.policy.device,
                 verbose=0,
             )
