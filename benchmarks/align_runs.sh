@@ -10,6 +10,7 @@
 # phantom_headneck) or openkbp (train on OpenKBP train-pats, evaluate on validation-pats with
 # headneck_rtog; OPENKBP=~/.cache/dosegym/openkbp by default). AGENTS and SEEDS (env) pick
 # the runs; SAMPLES is the budget of every run (the same for every agent).
+# The GuidedDose agents (phantoms only, as issue 17 asks): AGENTS="ppo_guided sac_guided".
 set -euo pipefail
 OUT=${1:?usage: align_runs.sh OUT_DIR TASK}
 TASK=${2:?usage: align_runs.sh OUT_DIR TASK}
