@@ -28,10 +28,9 @@ class SoftScorer:
         self.temperature_gy = float(temperature_gy)
         self._gain: dict[tuple[str, torch.dtype], torch.Tensor] = {}  # d dose / d x[:, 0], per device
 
-    def dose_gy(self, x: torch.Tensor, clamp: bool = True) -> torch.Tensor:
-        """Model-grid Gy of ``x``, clamped at 0 as decoding does unless ``clamp=False``
-        (the unclamped dose is what the clamp's gradient would see)."""
-        dose = (x[:, 0].clamp_min(0.0) if clamp else x[:, 0]) * self.unit_gy
+    def dose_gy(self, x: torch.Tensor) -> torch.Tensor:
+        """Model-grid Gy of ``x``, clamped at 0 as decoding does."""
+        dose = x[:, 0].clamp_min(0.0) * self.unit_gy
         body = self.soft.body(dose.device)
         return dose if body is None else dose * body.to(dose.dtype)
 
