@@ -10,7 +10,8 @@ so that load changes hit both alike): one reverse step done by hand, ``model(x, 
   - DenoiseDose, GuidedDose: median time of a mid-episode ``env.step(action)`` / median
     time of the baseline step. GuidedDose also against the guided step done by hand (the
     baseline step plus ``SoftScorer.guidance`` of the batch and the step to the
-    moved x̂0): what the env adds over the guidance it must compute. ``env.step`` checks the
+    moved x̂0, ``mean + mean_x0_gain * delta``): what the env adds over the guidance it must
+    compute. ``env.step`` checks the
     action, runs the pretrained forward
     (log-probability; GuidedDose: the soft-scorecard gradients of every objective group and
     the guided step), advances and copies the observation to numpy. The last step (decode +
@@ -47,7 +48,7 @@ import torch
 from bench_common import ROOT, build_policy, the_case
 
 from dosegym.diffusion import DosePolicy, seeded_generator
-from dosegym.diffusion.schedulers import make_scheduler, output_for_x0, per_sample, reverse_step
+from dosegym.diffusion.schedulers import make_scheduler, mean_x0_gain, reverse_step
 from dosegym.diffusion.slots import make_resampler
 from dosegym.envs.bandit import ScorecardBanditEnv, ScorecardBanditVectorEnv
 from dosegym.envs.cards import CardChooser
@@ -128,14 +129,11 @@ def measure(policy: DosePolicy, case, kind: str, b: int, steps: int, repeats: in
         x = state["x"]
         with torch.no_grad():
             d = reverse_step(scheduler, policy.model(x, t, cond), t, x, eta=policy.eta)
-        x0 = d.pred_original_sample
-        delta = scorer.guidance(x0)[1].combine(torch.full((b, len(scorer.soft.groups)), 0.5))
-        moved = x0 + GuidedConfig.guidance_scale * delta
-        a_t = per_sample(scheduler.alphas_cumprod, t.long().reshape(1).expand(b), x.ndim)
-        out = output_for_x0(scheduler.config.prediction_type, moved, x, a_t)
-        noise = torch.randn(x.shape, generator=gen).to(x.device)
-        with torch.no_grad():
-            state["x"] = reverse_step(scheduler, out, t, x, eta=policy.eta, variance_noise=noise).prev_sample
+        delta = scorer.guidance(d.pred_original_sample)[1].combine(
+            torch.full((b, len(scorer.soft.groups)), 0.5)
+        )
+        mean = d.mean + mean_x0_gain(scheduler, t, x, eta=policy.eta) * (GuidedConfig.guidance_scale * delta)
+        state["x"] = mean + d.std * torch.randn(x.shape, generator=gen).to(x.device)
 
     def raw_chain() -> None:
         state["x"] = policy.initial_noise(b, gen)

@@ -43,6 +43,7 @@ from dosegym.diffusion.schedulers import (
     ReverseStepOutput,
     gaussian_log_prob,
     make_scheduler,
+    mean_x0_gain,
     output_for_x0,
     per_sample,
     reverse_step,
@@ -266,6 +267,14 @@ class ReverseChain:
         acp = self.scheduler.alphas_cumprod.to(x.device)
         a_t = per_sample(acp, self.t.long().reshape(1).expand(x.shape[0]), x.ndim).to(x.dtype)
         return output_for_x0(self.scheduler.config.prediction_type, x0, x, a_t)
+
+    def x0_gain(self) -> torch.Tensor:
+        """``d mean / d x̂0`` of the coming step at the current state, ``(B, 1, 1, 1, 1)``
+        (:func:`~dosegym.diffusion.schedulers.mean_x0_gain`): the step towards x̂0 + δ has the
+        mean ``distribution().mean + x0_gain() * δ`` and the same std."""
+        self._check_running()
+        assert self.x is not None
+        return mean_x0_gain(self.scheduler, self.t, self.x, eta=self.eta)
 
     def distribution(self) -> ReverseStepOutput:
         """The coming step's Gaussian from the current state (one batched forward, cached

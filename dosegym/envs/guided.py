@@ -75,17 +75,15 @@ class GuidedCore(ChainCore):
     def _chain_step(self, actions: Any) -> Transition:
         weights = (self.as_action(actions, self.single_action_space) + 1.0) / 2.0
         assert self._dirs is not None and self.chain.x is not None
-        dist, x = self.chain.distribution(), self.chain.x
+        dist = self.chain.distribution()
         delta = torch.cat([d.combine(weights[i : i + 1]) for i, d in enumerate(self._dirs)])
         delta = self.config.guidance_scale * delta
-        guided = self.chain.step_from_output(
-            self.chain.output_for_x0(dist.pred_original_sample + delta, x), x
-        )
-        x_prev = guided.mean + guided.std * self.chain.noise()
+        mean = dist.mean + self.chain.x0_gain() * delta  # the step towards x̂0 + delta (same std)
+        x_prev = mean + dist.std * self.chain.noise()
         kl = None
         if bool((dist.std > 0).all()):
-            kl = gaussian_kl(guided.mean, guided.std, dist.mean, dist.std).cpu().numpy()
-        self.chain.step(x_prev)
+            kl = gaussian_kl(mean, dist.std, dist.mean, dist.std).cpu().numpy()
+        self.chain.advance(x_prev)
         extras = [
             {
                 "guidance_weights": weights[i].cpu().numpy().tolist(),
@@ -149,8 +147,10 @@ class GuidedDoseEnv(DoseEnv):
        along its scoring curve's slope, see :class:`~dosegym.scorecards.soft_card.SoftScorecard`)
        is scaled so that its largest voxel value is 1: d_g;
     3. x̂0' = x̂0 + guidance_scale * sum_g w_g d_g, with w_g = (a_g + 1) / 2 in [0, 1];
-    4. the model output implied by x̂0' at x_t is fed to the sampler's step, giving the guided
-       mean (same std), and x_{t-1} = mean' + std * noise (noise from the env's RNG).
+    4. the sampler's step towards x̂0' at x_t: its mean is affine in x̂0, so
+       mean' = mean + (d mean / d x̂0) (x̂0' - x̂0) (``ReverseChain.x0_gain``; the same as
+       feeding the model output implied by x̂0' to the step), the std unchanged, and
+       x_{t-1} = mean' + std * noise (noise from the env's RNG).
 
     Every Stable-Baselines3 algorithm for Box actions (PPO, SAC, TD3, A2C) runs on it with
     ``MultiInputPolicy``.

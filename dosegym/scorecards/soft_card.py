@@ -279,7 +279,9 @@ class SoftScorecard:
             if gain is not None:
                 grad = grad * gain.reshape(-1)[soft.union].to(grad.dtype)
             peak = grad.abs().amax(dim=2, keepdim=True)
-            dirs[:, live] = torch.where(peak > 0, grad / torch.where(peak > 0, peak, 1.0), 0.0).to(dose.dtype)
+            dirs[:, live] = (grad / peak.clamp(min=torch.finfo(grad.dtype).tiny)).to(
+                dose.dtype
+            )  # 0 where flat
         if scored_metrics is None:
             scored_metrics = soft.item_values(values[-b:], dose.dtype)
         items = self.item_scores(self.points(scored_metrics))

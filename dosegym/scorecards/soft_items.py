@@ -43,7 +43,7 @@ from dosegym.scorecards.soft_root import soft_root_window
 Tensor = torch.Tensor
 Key = tuple[str, int, float]  # (primitive kind, structure index, argument: cc for dx, Gy for vx)
 KINDS = ("dx", "vx", "max", "min", "wsum")  # the primitive kinds, in their column order
-_TOLERANCE = 1e-3  # the D(v) search's last Newton step (tau): two more square its error
+_TOLERANCE = 1e-2  # the D(v) search's last Newton step (tau): two more square its error
 
 
 class _ItemDVH:
@@ -121,6 +121,7 @@ class SoftItems:
             weight[s, : len(w)] = w
         self.index = torch.from_numpy(index).to(device)
         self.weight = torch.from_numpy(weight).to(device)
+        self.log_weight = torch.log(self.weight)  # -inf on padding: the softmax max / min skip it
         self.count = torch.tensor([len(ix) for ix, _ in structures], dtype=torch.int64, device=device)
         self.valid = torch.arange(length, device=device)[None, :] < self.count[:, None]
         self.total_cc = [float(w.sum()) for w in self.weight]
@@ -198,7 +199,7 @@ class SoftItems:
             if self.rows[kind]:
                 s = self.structs[kind]
                 x = vals[:, s]
-                p = torch.softmax(sign * x / tau + torch.log(self.weight[s]), dim=2)
+                p = torch.softmax(sign * x / tau + self.log_weight[s], dim=2)
                 m = (p * x).sum(dim=2)
                 parts.append((m, p * (1.0 + sign * (x - m[..., None]) / tau) if jacobian else None))
         if self.rows["wsum"]:

@@ -120,6 +120,28 @@ def test_chain_output_for_x0_at_the_coming_step(tiny_spec, phantom):
         torch.testing.assert_close(again.mean, d.mean, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize(("sampler", "eta"), [("ddim", 1.0), ("ddim", 0.3), ("ddpm", 0.0)])
+def test_x0_gain_moves_the_mean_as_the_step_towards_the_moved_x0(tiny_spec, phantom, sampler, eta):
+    """mean + x0_gain * delta is the mean of the step fed the model output implied by x̂0 + delta,
+    at every step (the last one too) and for every prediction type; the std is the same."""
+    g = torch.Generator().manual_seed(3)
+    for pt in PREDICTION_TYPES:
+        torch.manual_seed(0)
+        m = Any2Any(tiny_config(tiny_spec, diffusion=DiffusionConfig(prediction_type=pt))).eval()
+        chain = DosePolicy(m, sampler=sampler, eta=eta).chain(3)
+        chain.start(DosePolicy(m).conditions(phantom).expand(2), seeded_generator(1))
+        while chain.running:
+            d = chain.distribution()
+            delta = torch.randn(d.mean.shape, generator=g, dtype=torch.float64)
+            x, moved = chain.x.double(), d.pred_original_sample.double() + delta  # the round trip in float64
+            by_step = chain.step_from_output(chain.output_for_x0(moved, x), x)
+            gain = chain.x0_gain()
+            assert gain.shape == (2, 1, 1, 1, 1) and gain.dtype == chain.x.dtype
+            torch.testing.assert_close(d.mean + gain * delta, by_step.mean.double(), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(by_step.std.float(), d.std)
+            chain.step()
+
+
 def test_bad_uses_are_model_errors(model, phantom):
     policy = DosePolicy(model, sampler="ddim", eta=1.0)
     chain = policy.chain(2)

@@ -2,7 +2,8 @@
 
 ``make_scheduler("ddpm" | "ddim" | "dpm_solver", diffusion_config)``; every one runs with
 x̂0 clipping off. :func:`reverse_step` gives the mean, std and log-probability of a DDPM or
-DDIM step; :func:`x0_and_eps` / :func:`output_for_x0` convert between a model output and x̂0.
+DDIM step, :func:`mean_x0_gain` its mean's slope in x̂0; :func:`x0_and_eps` /
+:func:`output_for_x0` convert between a model output and x̂0.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from dosegym.diffusion.schedulers.logprob import (
     PREDICTION_TYPES,
     ReverseStepOutput,
     gaussian_log_prob,
+    mean_x0_gain,
     output_for_x0,
     per_sample,
     reverse_step,
@@ -49,6 +51,7 @@ __all__ = [
     "Scheduler",
     "gaussian_log_prob",
     "make_scheduler",
+    "mean_x0_gain",
     "output_for_x0",
     "per_sample",
     "reverse_step",

@@ -143,23 +143,11 @@ def _ddpm_prev_timestep(scheduler: DDPMScheduler, t: torch.Tensor) -> torch.Tens
     return nxt[idx + 1]
 
 
-def reverse_step(
-    scheduler: DDIMScheduler | DDPMScheduler,
-    model_output: torch.Tensor,
-    timestep: int | torch.Tensor,
-    sample: torch.Tensor,
-    eta: float = 0.0,
-    variance_noise: torch.Tensor | None = None,
-    prev_sample: torch.Tensor | None = None,
-    generator: torch.Generator | None = None,
-) -> ReverseStepOutput:
-    """One DDIM (``eta`` as in diffusers) or DDPM (``eta`` ignored) reverse step.
-
-    ``timestep``: a scalar or ``(B,)`` per-sample timesteps from ``scheduler.timesteps``
-    (``set_timesteps`` must have been called). Give at most one of ``variance_noise``
-    (``x_{t-1} = mean + std * variance_noise``) and ``prev_sample`` (score this
-    ``x_{t-1}``); otherwise noise is drawn with ``generator`` (as diffusers does) when any std > 0.
-    """
+def _step_alphas(
+    scheduler: DDIMScheduler | DDPMScheduler, timestep: int | torch.Tensor, sample: torch.Tensor, eta: float
+) -> tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(kind, t, a_t, a_prev)`` of a reverse step (``"ddim"`` or ``"ddpm"``; ``t`` ``(B,)``;
+    ᾱ_t and ᾱ_prev ``(B, 1, ..., 1)``), with the checks :func:`reverse_step` documents."""
     if isinstance(scheduler, DDIMScheduler):
         kind = "ddim"
     elif isinstance(scheduler, DDPMScheduler):
@@ -179,8 +167,6 @@ def reverse_step(
         raise ModelError(
             "call scheduler.set_timesteps(num_steps) (or policy.timesteps(num_steps)) before stepping"
         )
-    if variance_noise is not None and prev_sample is not None:
-        raise ModelError("reverse_step: give variance_noise or prev_sample, not both")
     if eta < 0:
         raise ModelError(f"reverse_step: eta must be >= 0, got {eta}")
     b, nd, dev = sample.shape[0], sample.ndim, sample.device
@@ -197,12 +183,64 @@ def reverse_step(
         prev_t = _ddpm_prev_timestep(scheduler, t)
         final = torch.ones((), device=dev, dtype=acp.dtype)
     a_prev = torch.where(prev_t >= 0, acp[prev_t.clamp(min=0)], final).reshape(-1, *([1] * (nd - 1)))
+    return kind, t, a_t, a_prev
+
+
+def _ddim_std_and_eps_coef(
+    a_t: torch.Tensor, a_prev: torch.Tensor, eta: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """DDIM's step std ``eta * sigma_t`` and the coefficient of ε̂ in its mean."""
+    variance = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
+    std = eta * variance.clamp_min(0) ** 0.5
+    return std, (1 - a_prev - std**2).clamp_min(0) ** 0.5
+
+
+def mean_x0_gain(
+    scheduler: DDIMScheduler | DDPMScheduler,
+    timestep: int | torch.Tensor,
+    sample: torch.Tensor,
+    eta: float = 0.0,
+) -> torch.Tensor:
+    """``d mean / d x̂0`` of the reverse step from ``sample`` = x_t (fixed), ``(B, 1, ..., 1)``
+    in ``sample``'s dtype (arguments as :func:`reverse_step`). The step mean is affine in x̂0
+    (ε̂ = (x_t - √ᾱ_t x̂0) / √(1 - ᾱ_t) for every prediction type) and the std does not depend
+    on it, so moving x̂0 by δ moves the mean by ``gain * δ``: x̂0 guidance without a second
+    step."""
+    kind, _, a_t, a_prev = _step_alphas(scheduler, timestep, sample, eta)
+    if kind == "ddim":
+        eps_coef = _ddim_std_and_eps_coef(a_t, a_prev, eta)[1]
+        gain = a_prev**0.5 - eps_coef * (a_t / (1 - a_t)) ** 0.5
+    else:
+        gain = a_prev**0.5 * (1 - a_t / a_prev) / (1 - a_t)
+    return gain.to(sample.dtype)
+
+
+def reverse_step(
+    scheduler: DDIMScheduler | DDPMScheduler,
+    model_output: torch.Tensor,
+    timestep: int | torch.Tensor,
+    sample: torch.Tensor,
+    eta: float = 0.0,
+    variance_noise: torch.Tensor | None = None,
+    prev_sample: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> ReverseStepOutput:
+    """One DDIM (``eta`` as in diffusers) or DDPM (``eta`` ignored) reverse step.
+
+    ``timestep``: a scalar or ``(B,)`` per-sample timesteps from ``scheduler.timesteps``
+    (``set_timesteps`` must have been called). Give at most one of ``variance_noise``
+    (``x_{t-1} = mean + std * variance_noise``) and ``prev_sample`` (score this
+    ``x_{t-1}``); otherwise noise is drawn with ``generator`` (as diffusers does) when any std > 0.
+    """
+    if variance_noise is not None and prev_sample is not None:
+        raise ModelError("reverse_step: give variance_noise or prev_sample, not both")
+    kind, t, a_t, a_prev = _step_alphas(scheduler, timestep, sample, eta)
+    dev = sample.device
     beta_t = 1 - a_t
     x0, eps = x0_and_eps(scheduler.config.prediction_type, model_output, sample, a_t)
     if kind == "ddim":
-        variance = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
-        std = eta * variance.clamp_min(0) ** 0.5
-        mean = a_prev**0.5 * x0 + (1 - a_prev - std**2).clamp_min(0) ** 0.5 * eps
+        std, eps_coef = _ddim_std_and_eps_coef(a_t, a_prev, eta)
+        mean = a_prev**0.5 * x0 + eps_coef * eps
     else:
         cur_alpha = a_t / a_prev
         cur_beta = 1 - cur_alpha
