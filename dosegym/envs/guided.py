@@ -76,21 +76,26 @@ class GuidedCore(ChainCore):
         weights = (self.as_action(actions, self.single_action_space) + 1.0) / 2.0
         assert self._dirs is not None and self.chain.x is not None
         dist = self.chain.distribution()
-        delta = torch.cat([d.combine(weights[i : i + 1]) for i, d in enumerate(self._dirs)])
-        delta = self.config.guidance_scale * delta
-        mean = dist.mean + self.chain.x0_gain() * delta  # the step towards x̂0 + delta (same std)
-        x_prev = mean + dist.std * self.chain.noise()
-        kl = None
-        if bool((dist.std > 0).all()):
-            kl = gaussian_kl(mean, dist.std, dist.mean, dist.std).cpu().numpy()
+        # x̂0 moves by delta_i = scale * sum_g w_g d_g on the structures' voxels only, the step
+        # mean by x0_gain * delta_i (same std): added where it is nonzero, its KL taken there
+        x_prev = dist.mean + dist.std * self.chain.noise()
+        flat, gain = x_prev.view(self.batch, -1), self.chain.x0_gain().reshape(-1)
+        n, kls, extras = flat.shape[1], [], []
+        for i, d in enumerate(self._dirs):
+            delta = self.config.guidance_scale * d.weighted(weights[i : i + 1])  # (1, U)
+            move = (gain[i] * delta).to(flat.dtype)
+            flat[i].index_add_(0, d.voxels, move[0])
+            if bool((dist.std[i] > 0).all()):
+                std = dist.std[i].reshape(1, 1)
+                kls.append(float(gaussian_kl(move, std, torch.zeros_like(move), std)[0]) * move.shape[1] / n)
+            extras.append(
+                {
+                    "guidance_weights": weights[i].cpu().numpy().tolist(),
+                    "guidance_max": float(delta.abs().max()),
+                }
+            )
+        kl = np.asarray(kls, dtype=np.float32) if len(kls) == self.batch else None
         self.chain.advance(x_prev)
-        extras = [
-            {
-                "guidance_weights": weights[i].cpu().numpy().tolist(),
-                "guidance_max": float(delta[i].abs().max()),
-            }
-            for i in range(self.batch)
-        ]
         return Transition(x_prev, dist.pred_original_sample, kl, False, extras)
 
     def _after_step(self) -> None:
@@ -116,7 +121,8 @@ class GuidedCore(ChainCore):
     def observation(self) -> dict[str, Any]:
         assert self._items is not None and self.chain.x is not None
         scores = torch.nan_to_num(self._items.float(), nan=0.0).clamp(0.0, 1.0)
-        pooled = F.adaptive_avg_pool3d(torch.cat([self.chain.x, self.x0()], dim=1), self.config.pool)
+        pool = self.config.pool  # each volume pooled alone: no (B, 2C, ...) copy of both
+        pooled = torch.cat([F.adaptive_avg_pool3d(v, pool) for v in (self.chain.x, self.x0())], dim=1)
         features = pooled.reshape(self.batch, -1).clamp(-FEATURE_BOUND, FEATURE_BOUND)
         return {
             "timestep": self.timestep_obs(),

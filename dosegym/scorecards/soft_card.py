@@ -67,12 +67,16 @@ class GroupDirections(NamedTuple):
     values: Tensor
     shape: tuple[int, ...]
 
-    def combine(self, weights: Tensor) -> Tensor:
-        """``sum_g weights[:, g] * direction_g`` on the grid, ``(B, *shape)``; ``weights``
+    def weighted(self, weights: Tensor) -> Tensor:
+        """``sum_g weights[:, g] * direction_g`` on :attr:`voxels`, ``(B, U)``; ``weights``
         ``(B, n_groups)``."""
+        return torch.einsum("bg,bgu->bu", weights.to(self.values.dtype), self.values)
+
+    def combine(self, weights: Tensor) -> Tensor:
+        """:meth:`weighted` on the grid, ``(B, *shape)`` (zero off the voxels)."""
         b = self.values.shape[0]
         out = torch.zeros((b, math.prod(self.shape)), dtype=self.values.dtype, device=self.values.device)
-        out[:, self.voxels] = torch.einsum("bg,bgu->bu", weights.to(self.values.dtype), self.values)
+        out[:, self.voxels] = self.weighted(weights)
         return out.view(b, *self.shape)
 
     def dense(self) -> Tensor:

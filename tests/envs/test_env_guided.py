@@ -63,6 +63,34 @@ def test_observation_and_kl_reward(tiny_policy, prostate_cases):
         env.step(np.full(len(GROUP_NAMES), 1.5, np.float32))
 
 
+def test_guided_step_is_the_step_towards_the_moved_x0(tiny_policy, prostate_cases):
+    """The env's sparse step (mean moved on the structures' voxels, KL taken there) is the
+    dense definition: x_{t-1} = mean + x0_gain * scale * sum_g w_g d_g + std * noise, and the
+    KL of N(that mean, std) against the unguided step, averaged over every element."""
+    import torch
+
+    from dosegym.envs.reward import gaussian_kl
+
+    env = make(tiny_policy, prostate_cases[:1], guidance_scale=0.3)
+    u = env.unwrapped
+    env.reset(seed=0)
+    action = np.linspace(-1.0, 1.0, len(GROUP_NAMES)).astype(np.float32)
+    for _ in range(STEPS - 1):
+        core = u.core
+        dist, dirs = core.chain.distribution(), core._dirs[0]
+        weights = torch.as_tensor((action + 1.0) / 2.0)[None]
+        mean = dist.mean + core.chain.x0_gain() * (0.3 * dirs.combine(weights))
+        state = [g.get_state() for g in core.chain._generators]
+        noise = core.chain.noise()
+        for g, st in zip(core.chain._generators, state):
+            g.set_state(st)  # the env draws the same noise
+        _, _, _, _, info = env.step(action)
+        torch.testing.assert_close(core.chain.x, mean + dist.std * noise, rtol=1e-5, atol=1e-5)
+        dense_kl = float(gaussian_kl(mean, dist.std, dist.mean, dist.std)[0])
+        assert info["kl"] == pytest.approx(dense_kl, rel=1e-4) and dense_kl > 0
+        assert info["guidance_max"] == pytest.approx(float((0.3 * dirs.combine(weights)).abs().max()))
+
+
 def test_mixed_sites_need_one_card(tiny_policy, prostate_cases):
     from dosegym.data.phantoms import generate_anatomy
 
