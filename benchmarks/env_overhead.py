@@ -7,8 +7,10 @@ so that load changes hit both alike): one reverse step done by hand, ``model(x, 
 * **step overhead**, for every env kind at B = 1 (the single env) and B = 8 (its native
   vector env), numpy observations:
 
-  - DenoiseDose, GuidedDose: median time of a mid-episode ``env.step(action)`` / median
-    time of the baseline step. GuidedDose also against the guided step done by hand (the
+  - DenoiseDose, GuidedDose: the median, over the mid-episode steps of every round, of the
+    ratio of ``env.step(action)``'s time to the baseline step's just before it at the same
+    timestep (paired ratios: a load change between rounds hits both sides of a pair alike;
+    the ms columns are the plain medians). GuidedDose also against the guided step done by hand (the
     baseline step plus ``SoftScorer.guidance`` of the batch and the step to the
     moved x̂0, ``mean + mean_x0_gain * delta``): what the env adds over the guidance it must
     compute. ``env.step`` checks the
@@ -16,9 +18,9 @@ so that load changes hit both alike): one reverse step done by hand, ``model(x, 
     (log-probability; GuidedDose: the soft-scorecard gradients of every objective group and
     the guided step), advances and copies the observation to numpy. The last step (decode +
     scorecard) is timed separately.
-  - ScorecardBandit (no chain: the agent brings the dose): median time of ``reset`` + the
-    baseline chain of ``steps`` steps + ``step(dose)`` / median time of the baseline chain
-    alone; its last step is the ``step`` (decode + scorecard).
+  - ScorecardBandit (no chain: the agent brings the dose): the median, over rounds, of the
+    time of ``reset`` + the baseline chain of ``steps`` steps + ``step(dose)`` over the time of
+    the baseline chain alone just before it; its last step is the ``step`` (decode + scorecard).
 
 * **episode throughput**: whole episodes per second (reset, then each step the kind's
   actions: DenoiseDose on-policy ``policy_step`` + ``sample_noise``, GuidedDose fixed
@@ -153,12 +155,14 @@ def measure(policy: DosePolicy, case, kind: str, b: int, steps: int, repeats: in
         raw_chain()
         env.step(dose)
 
+    ratio, ratio_guided = [], []  # env / raw (and / raw guided) of back-to-back timings
     for rep in range(repeats):
         if kind == "bandit":
             dose = np.clip(state["x"].cpu().numpy(), 0.0, env.action_space.high.flat[0])
             dose = dose[0] if b == 1 else dose
             raw.append(timer(raw_chain))
             mid.append(timer(bandit_episode, rep, dose))
+            ratio.append(mid[-1] / raw[-1])
             env.reset(seed=rep)
             last.append(timer(env.step, dose))
             continue
@@ -171,8 +175,19 @@ def measure(policy: DosePolicy, case, kind: str, b: int, steps: int, repeats: in
                 guided.append(timer(raw_guided_step, t))
                 state["x"] = x
             (last if k == steps - 1 else mid).append(timer(env.step, action))
+            if k < steps - 1:
+                ratio.append(mid[-1] / raw[-1])
+                if scorer is not None:
+                    ratio_guided.append(mid[-1] / guided[-1])
     med = statistics.median
-    return {"raw": med(raw), "env": med(mid), "last": med(last), "guided": med(guided) if guided else None}
+    return {
+        "raw": med(raw),
+        "env": med(mid),
+        "last": med(last),
+        "guided": med(guided) if guided else None,
+        "overhead": med(ratio),
+        "overhead_guided": med(ratio_guided) if ratio_guided else None,
+    }
 
 
 def throughput(
@@ -216,19 +231,20 @@ def main() -> None:
             r = measure(policy, case, kind, b, args.steps, args.repeats, args.device)
             line = (
                 f"{KINDS[kind][0]:<16} {b:>3} {r['raw'] * 1e3:10.1f} {r['env'] * 1e3:10.1f} "
-                f"{r['env'] / r['raw']:9.3f} {r['last'] * 1e3:13.1f}"
+                f"{r['overhead']:9.3f} {r['last'] * 1e3:13.1f}"
             )
             if r["guided"] is not None:
                 g = r["guided"]
-                line += f"   raw guided step {g * 1e3:.1f} ms: env / raw guided {r['env'] / g:.3f}"
+                line += f"   raw guided step {g * 1e3:.1f} ms: env / raw guided {r['overhead_guided']:.3f}"
             print(line)
     print(f"\n{'kind':<16} {'vector B=8 ep/s':>16} {'8 singles ep/s':>15} {'ratio':>6}")
     for kind in kinds:
         vec, one = throughput(policy, case, kind, 8, args.steps, args.repeats, args.device)
         print(f"{KINDS[kind][0]:<16} {vec:16.3f} {one:15.3f} {vec / one:6.2f}")
     print(
-        "\noverhead = env step / raw model + reverse_step step (the Bandit: reset + raw chain + step "
-        "over the raw chain); target <= 1.05. ratio = vector env episodes/s over 8 single envs'."
+        "\noverhead = median of paired env step / raw model + reverse_step step (the Bandit: reset + "
+        "raw chain + step over the raw chain); target <= 1.05. ratio = vector env episodes/s over 8 "
+        "single envs'."
     )
 
 
