@@ -283,9 +283,8 @@ class SoftScorecard:
             if gain is not None:
                 grad = grad * gain.reshape(-1)[soft.union].to(grad.dtype)
             peak = grad.abs().amax(dim=2, keepdim=True)
-            dirs[:, live] = (grad / peak.clamp(min=torch.finfo(grad.dtype).tiny)).to(
-                dose.dtype
-            )  # 0 where flat
+            tiny = torch.finfo(grad.dtype).tiny  # a flat objective's zero row stays zero
+            dirs[:, live] = (grad / peak.clamp(min=tiny)).to(dose.dtype)
         if scored_metrics is None:
             scored_metrics = soft.item_values(values[-b:], dose.dtype)
         items = self.item_scores(self.points(scored_metrics))

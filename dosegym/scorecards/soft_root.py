@@ -53,7 +53,7 @@ class RampWindow:
         pos = torch.arange(self.row.numel(), device=lower.device) - start[self.row]
         self.knot = self.row * n + (i0[self.row] - 1 + pos).clamp(min=0)
         doses = lower.reshape(-1)[self.knot]
-        self.rows, self.tau = rows, tau
+        self.tau = tau
         self.scaled = (doses / tau)[:, None]
         same = (self.row[1:] == self.row[:-1]).to(w.dtype)
         self.w = (w.reshape(-1)[self.knot[1:]] * same)[:, None]  # columns (E - 1, 1)
@@ -71,11 +71,8 @@ class RampWindow:
         with ``gradients`` (``m = 1``) also ``dV_soft/dd`` at each knot ``(E, 1)``
         (``softplus(z) = relu(z) + log1p(e^-|z|)`` and ``sigmoid`` once per knot; a step ramp is
         the mean of its ends' sigmoids, its middle's to ``(h / tau)^2``)."""
-        at = (
-            x.reshape(-1).index_select(0, self.row)[:, None]
-            if x.shape[1] == 1
-            else x.index_select(0, self.row)
-        )
+        one = x.shape[1] == 1  # a flat index_select is about 3x faster than a row one
+        at = x.reshape(-1).index_select(0, self.row)[:, None] if one else x.index_select(0, self.row)
         z = self.scaled - at / self.tau
         sig = torch.sigmoid(z)
         t = _log1p(torch.exp(-z.abs()))  # softplus(-|z|)
