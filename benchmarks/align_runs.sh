@@ -11,6 +11,10 @@
 # headneck_rtog; OPENKBP=~/.cache/dosegym/openkbp by default). AGENTS and SEEDS (env) pick
 # the runs; SAMPLES is the budget of every run (the same for every agent).
 # The GuidedDose agents (phantoms only, as issue 17 asks): AGENTS="ppo_guided sac_guided".
+# RESULTS (default benchmarks/results/align): where each finished run's result.json is copied,
+# as RESULTS/TASK/AGENT-sSEED/result.json, to be committed (a few tens of kB each): the
+# measured runs outlive the machine, and align_summary.py reads that folder like a run folder.
+# A run whose result is already there is skipped.
 set -euo pipefail
 OUT=${1:?usage: align_runs.sh OUT_DIR TASK}
 TASK=${2:?usage: align_runs.sh OUT_DIR TASK}
@@ -19,6 +23,7 @@ SEEDS=${SEEDS:-"0 1 2"}
 SAMPLES=${SAMPLES:-256}
 OPENKBP=${OPENKBP:-$HOME/.cache/dosegym/openkbp}
 HERE="$(cd "$(dirname "$0")/.." && pwd)"
+RESULTS=${RESULTS:-$HERE/benchmarks/results/align}
 
 case "$TASK" in
   phantoms) DATA=(--cases phantoms:headneck/train --eval-cases phantoms:headneck/test --scorecard phantom_headneck) ;;
@@ -29,12 +34,16 @@ esac
 for agent in $AGENTS; do
   for seed in $SEEDS; do
     run="$OUT/$TASK/$agent-s$seed"
-    if [ -f "$run/result.json" ]; then echo "done: $run"; continue; fi
+    kept="$RESULTS/$TASK/$agent-s$seed/result.json"
+    if [ -f "$kept" ]; then echo "done: $kept"; continue; fi
+    if [ -f "$run/result.json" ]; then mkdir -p "$(dirname "$kept")"; cp "$run/result.json" "$kept"; echo "done: $run"; continue; fi
     resume=()
     if [ -f "$run/run.json" ]; then resume=(--resume); fi
     echo "$(date -u +%FT%TZ) start $run ${resume[*]}"
     dosegym align --agent "$agent" --config "$HERE/configs/align/$agent.yaml" --seed "$seed" \
       --samples "$SAMPLES" --out "$run" --diversity-samples 4 --no-progress "${DATA[@]}" "${resume[@]}"
+    mkdir -p "$(dirname "$kept")"
+    cp "$run/result.json" "$kept.partial" && mv "$kept.partial" "$kept"
     echo "$(date -u +%FT%TZ) end $run"
   done
 done
