@@ -7,8 +7,10 @@ Runs are grouped by task (the run folder's parent name, e.g. ``phantoms`` / ``op
 agent; each group shows the mean and the spread (min..max) over its seeds of: the eval
 score (mean normalised card total of the eval cases) before and after, its gain, the gap to
 the reference plans closed (``--reference TASK=SCORE``), the MAE to the reference dose
-(Gy) before and after, the last iteration's KL to the reference, wall time and training
-samples/s. The PNG plots each run's eval score against samples trained (``eval_history``),
+(Gy) before and after, the mean dose in the body outside the targets (Gy; what reward
+hacking raises) before and after, with the reference plans' own, the last iteration's KL to
+the reference, wall time and training samples/s. The PNG plots each run's eval score
+against samples trained (``eval_history``),
 one colour per agent, one panel per task.
 """
 
@@ -54,6 +56,9 @@ def row(docs: list[dict], reference: float | None) -> dict[str, list[float]]:
             )
         out["mae_before"].append(before["mae_gy"] if before["mae_gy"] is not None else np.nan)
         out["mae_after"].append(after["mae_gy"] if after["mae_gy"] is not None else np.nan)
+        for key, summ in (("outside_before", before), ("outside_after", after), ("outside_ref", after)):
+            value = summ.get("reference_outside_targets_gy" if key == "outside_ref" else "outside_targets_gy")
+            out[key].append(np.nan if value is None else value)
         out["kl"].append(_last(d, "kl_mean"))
         out["wall_s"].append(d["wall_s"])
         out["samples_per_s"].append(d["samples_trained"] / d["wall_s"] if d["wall_s"] else np.nan)
@@ -85,6 +90,9 @@ def main() -> None:
         ("gap_closed", 2),
         ("mae_before", 2),
         ("mae_after", 2),
+        ("outside_before", 2),
+        ("outside_after", 2),
+        ("outside_ref", 2),
         ("kl", 4),
         ("wall_s", 0),
         ("samples_per_s", 3),

@@ -147,8 +147,6 @@ class Agent:
         self.samples_trained = 0
         self.trains: dict[str, Any] = {"train": "nothing"}
         self.policy = policy
-        self._merged: lora.MergedCopy | None = None  # sampling_policy()'s copy and its policy
-        self._sampling: DosePolicy | None = None
         if self.learns and self.trains_denoiser:
             c = self.config
             with torch.random.fork_rng(devices=[]):  # the adapters' initial weights follow the seed
@@ -169,6 +167,8 @@ class Agent:
         self.last_checkpoint: str | None = None
         self._resume: dict[str, Any] | None = None
         self._wall_start = time.perf_counter()
+        self._merged: lora.MergedCopy | None = None  # sampling_policy()'s copy and its policy
+        self._sampling: DosePolicy | None = None
 
     # -- what trains --------------------------------------------------------------------
     def reference(self) -> DosePolicy:
@@ -500,7 +500,6 @@ class Agent:
         agent.base_checkpoint = base
         agent.base_policy, agent.base_fingerprint = policy, doc["base_fingerprint"]
         agent.policy, agent.trains = policy, {"train": "nothing"}
-        agent._merged = agent._sampling = None
         if cls.learns and cls.trains_denoiser:
             agent.policy, agent.trains = lora.load_trainable(folder, policy)
             agent.trains["trainable_parameters"] = sum(p.numel() for p in agent.parameters())

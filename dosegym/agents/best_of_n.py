@@ -4,6 +4,9 @@
 call and keeps the one with the highest exact scorecard total (the first of ties).
 ``learn`` trains nothing; it checks and records the budget, so that every learning agent is
 compared with Best-of-N at equal sample count (one ``predict`` costs N samples).
+The run's ``config.seed`` picks the draws: ``predict(case, seed)`` samples with seed
+``seed + SEED_STRIDE * config.seed`` (config seed 0: the policy's own draws), so the seeds of a
+benchmark give Best-of-N a spread, as training does a learning agent's.
 """
 
 from __future__ import annotations
@@ -17,6 +20,9 @@ from dosegym.agents.base import Agent, Callback
 from dosegym.agents.config import AgentConfig
 from dosegym.data.case import Case
 from dosegym.scorecards.report import ScoreReport
+
+#: Sampling seeds of config seed ``s`` start at ``s * SEED_STRIDE`` (a prime, far above eval seeds).
+SEED_STRIDE = 1_000_003
 
 
 class BestOfNConfig(AgentConfig):
@@ -56,7 +62,7 @@ class BestOfN(Agent):
             case,
             steps=c.sample_num_steps,
             sampler=self.policy.sampler,
-            seed=seed,
+            seed=seed + SEED_STRIDE * c.seed,
             samples=c.n,
             eta=c.predict_eta,
         )

@@ -18,6 +18,10 @@ seed (one :class:`CaseEval`):
   name); an item **passes** when it is ``ideal`` (the protocol goal met: full points);
 * ``mae_gy``: mean absolute difference to the case's reference dose inside the body (all
   voxels without one), Gy; ``None`` without a reference;
+* ``outside_targets_gy`` / ``reference_outside_targets_gy``: the mean dose (Gy) of the
+  prediction / of the reference dose in the body outside every target (``case.targets``), the
+  dose a score-hungry policy raises first (reward hacking); ``None`` without a body, without
+  targets (or, for the reference, without a reference dose);
 * ``dose_score`` / ``dvh_score``: the OpenKBP challenge scores (:mod:`dosegym.scorecards.challenge`,
   Gy) for an OpenKBP case, i.e. one read from OpenKBP CSVs (``case.meta["format"] ==
   "openkbp"``) that has its reference dose and possible-dose mask; ``None`` otherwise.
@@ -100,6 +104,8 @@ class CaseEval:
     items: dict[str, str]
     passed: dict[str, bool]
     mae_gy: float | None = None
+    outside_targets_gy: float | None = None
+    reference_outside_targets_gy: float | None = None
     dose_score: float | None = None
     dvh_score: float | None = None
 
@@ -117,7 +123,8 @@ class EvalResult:
 
     def summary(self) -> dict[str, Any]:
         """Means over the entries: ``score_mean`` (normalised), ``score_std``, ``points_mean``,
-        ``mae_gy``, ``pass_rate`` (item -> share of entries where it passes), ``diversity_gy``,
+        ``mae_gy``, ``outside_targets_gy``, ``reference_outside_targets_gy``, ``pass_rate``
+        (item -> share of entries where it passes), ``diversity_gy``,
         ``dose_score``, ``dvh_score`` (None where no entry has them), ``cases``, ``seeds``."""
         e = self.entries
         scores = np.array([x.normalised for x in e], dtype=np.float64)
@@ -131,6 +138,8 @@ class EvalResult:
             "score_std": float(scores.std()),
             "points_mean": float(np.mean([x.points for x in e])),
             "mae_gy": _mean([x.mae_gy for x in e]),
+            "outside_targets_gy": _mean([x.outside_targets_gy for x in e]),
+            "reference_outside_targets_gy": _mean([x.reference_outside_targets_gy for x in e]),
             "pass_rate": pass_rate,
             "diversity_gy": _mean(list(self.diversity_gy.values())),
             "dose_score": _mean([x.dose_score for x in e]),
@@ -177,6 +186,24 @@ def mae_to_reference_gy(case: Case, dose_gy: np.ndarray) -> float | None:
     return masked_mae_gy(torch.from_numpy(np.asarray(dose_gy)), torch.from_numpy(case.dose), body)
 
 
+def outside_targets_mask(case: Case) -> np.ndarray | None:
+    """The body's voxels outside every target (``case.targets``); None without a body or targets."""
+    if case.body is None or not case.targets:
+        return None
+    inside = np.zeros(case.grid.shape, dtype=bool)
+    for name in case.targets:
+        inside |= np.asarray(case.structures[name], dtype=bool)
+    outside = np.asarray(case.body, dtype=bool) & ~inside
+    return outside if outside.any() else None
+
+
+def mean_in(mask: np.ndarray | None, dose_gy: np.ndarray | None) -> float | None:
+    """Mean of ``dose_gy`` over ``mask`` (Gy); None without either."""
+    if mask is None or dose_gy is None:
+        return None
+    return float(np.asarray(dose_gy, dtype=np.float64)[mask].mean())
+
+
 def diversity_gy(case: Case, doses: np.ndarray) -> float:
     """Mean over body voxels (all without a body) of the voxel std over ``doses`` ``(K, Z, Y, X)``, Gy."""
     std = np.asarray(doses, dtype=np.float64).std(axis=0)
@@ -201,6 +228,7 @@ def score_case(case: Case, card: Scorecard, dose_gy: np.ndarray, seed: int) -> t
         dose_score = openkbp_dose_score(case, dose_gy)
         errors = list(openkbp_dvh_errors(case, dose_gy).values())
         dvh_score = float(np.mean(errors)) if errors else None
+    outside = outside_targets_mask(case)
     entry = CaseEval(
         case_id=case.case_id,
         seed=int(seed),
@@ -211,6 +239,8 @@ def score_case(case: Case, card: Scorecard, dose_gy: np.ndarray, seed: int) -> t
         items={n: s.value for n, s in statuses.items()},
         passed={n: s is PASS_STATUS for n, s in statuses.items()},
         mae_gy=mae_to_reference_gy(case, dose_gy),
+        outside_targets_gy=mean_in(outside, dose_gy),
+        reference_outside_targets_gy=mean_in(outside, case.dose),
         dose_score=dose_score,
         dvh_score=dvh_score,
     )

@@ -4,10 +4,10 @@ Written by ``dosegym align`` (and :meth:`Agent.result` + :func:`write_result`), 
 with :func:`read_result`; :func:`validate_result` checks a document and raises
 ``AgentError`` naming the first bad key (``after.summary.score_mean``, ``curves[3].samples``).
 Strict JSON: a NaN or infinity is written as ``null``, so a number that must be there and
-is not finite fails validation. Schema version :data:`RESULT_SCHEMA_VERSION` (1), every
+is not finite fails validation. Schema version :data:`RESULT_SCHEMA_VERSION` (2), every
 top-level key required (``null`` where it says so), no other key:
 
-- ``schema_version`` (int): 1.
+- ``schema_version`` (int): 2 (2 added the outside-targets doses to entries and summaries).
 - ``agent`` (str): the registry name of the agent.
 - ``config`` (object): the agent's full config (``AgentConfig.to_dict()``, its ``agent``
   key equal to ``agent``).
@@ -27,9 +27,10 @@ top-level key required (``null`` where it says so), no other key:
   and after training: ``seeds`` (list of int), ``diversity_samples`` (int), ``cases`` (one
   entry per case and seed: ``case_id``, ``seed``, ``card``, ``points``, ``maximum``,
   ``normalised``, ``items`` (item -> status), ``passed`` (item -> bool), ``mae_gy``,
-  ``dose_score``, ``dvh_score`` (number | null)), ``diversity_gy`` (case -> Gy) and
-  ``summary`` (``cases``, ``seeds``, ``score_mean``, ``score_std``, ``points_mean``,
-  ``mae_gy``, ``pass_rate`` (item -> share in [0, 1]), ``diversity_gy``, ``dose_score``,
+  ``outside_targets_gy``, ``reference_outside_targets_gy``, ``dose_score``, ``dvh_score``
+  (number | null)), ``diversity_gy`` (case -> Gy) and ``summary`` (``cases``, ``seeds``,
+  ``score_mean``, ``score_std``, ``points_mean``, ``mae_gy``, ``outside_targets_gy``,
+  ``reference_outside_targets_gy``, ``pass_rate`` (item -> share in [0, 1]), ``diversity_gy``, ``dose_score``,
   ``dvh_score``; see :mod:`dosegym.agents.evaluate`).
 - ``curves`` (list of object): one entry per iteration: ``iteration`` (int), ``samples``
   (int, cumulative), ``wall_s`` (number, cumulative) and the iteration's metrics (number |
@@ -63,7 +64,7 @@ from dosegym.errors import AgentError
 
 RESULT_FILE = "result.json"
 #: Version of the ``result.json`` schema (see the module docstring).
-RESULT_SCHEMA_VERSION = 1
+RESULT_SCHEMA_VERSION = 2
 #: Packages whose versions every ``result.json`` records.
 RESULT_PACKAGES = ("torch", "numpy", "peft", "gymnasium", "pydantic", "safetensors", "diffusers")
 #: Item statuses an evaluation entry may record (``dosegym.scorecards.report.ItemStatus`` but unmatched).
@@ -120,7 +121,7 @@ def result_document(
     eval_history: Sequence[dict[str, Any]] = (),
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """A schema-v1 document (see the module docstring); ``packages``, ``git_revision`` and
+    """A schema-v2 document (see the module docstring); ``packages``, ``git_revision`` and
     ``created_utc`` are filled in here."""
     return {
         "schema_version": RESULT_SCHEMA_VERSION,
@@ -222,11 +223,13 @@ def _list(doc: Any, key: str) -> list:
 EVAL_KEYS = ("seeds", "diversity_samples", "cases", "diversity_gy", "summary")
 ENTRY_KEYS = (
     "case_id", "seed", "card", "points", "maximum", "normalised", "items", "passed",
-    "mae_gy", "dose_score", "dvh_score",
+    "mae_gy", "outside_targets_gy", "reference_outside_targets_gy", "dose_score", "dvh_score",
 )  # fmt: skip
+#: Entry and summary numbers that may be null.
+NULLABLE = ("mae_gy", "outside_targets_gy", "reference_outside_targets_gy", "dose_score", "dvh_score")
 SUMMARY_KEYS = (
-    "cases", "seeds", "score_mean", "score_std", "points_mean", "mae_gy", "pass_rate",
-    "diversity_gy", "dose_score", "dvh_score",
+    "cases", "seeds", "score_mean", "score_std", "points_mean", "mae_gy", "outside_targets_gy",
+    "reference_outside_targets_gy", "pass_rate", "diversity_gy", "dose_score", "dvh_score",
 )  # fmt: skip
 CURVE_KEYS = ("iteration", "samples", "wall_s")
 TOP_KEYS = (
@@ -267,7 +270,7 @@ def _evaluation(doc: Any, key: str) -> None:
         _str(e["card"], f"{where}.card")
         for k in ("points", "maximum", "normalised"):
             _num(e[k], f"{where}.{k}")
-        for k in ("mae_gy", "dose_score", "dvh_score"):
+        for k in NULLABLE:
             _num(e[k], f"{where}.{k}", nullable=True)
         for item, status in _obj(e["items"], f"{where}.items").items():
             if status not in ITEM_STATUSES:

@@ -38,6 +38,18 @@ def test_n1_equals_policy_predict(env, tiny_policy, headneck28):
     )
 
 
+def test_the_run_seed_picks_the_draws(env, tiny_policy, headneck28):
+    """Config seed 0 draws as the policy does; another run seed draws other samples, the
+    same ones again at the same seed."""
+    kw = {"n": 2, "sample_num_steps": 2, "predict_eta": 1.0}
+    seed0, seed1, again = (
+        BestOfN(env, tiny_policy, {**kw, "seed": s}).samples(headneck28, 3) for s in (0, 1, 1)
+    )
+    np.testing.assert_array_equal(seed0, tiny_policy.predict(headneck28, steps=2, seed=3, samples=2, eta=1.0))
+    assert np.abs(seed1 - seed0).max() > 0
+    np.testing.assert_array_equal(seed1, again)
+
+
 def test_learn_records_the_budget_and_save_load(tmp_path, env, tiny_policy, headneck28):
     seen = []
     agent = BestOfN(env, tiny_policy, {"n": 2, "sample_num_steps": 2, "eval_cases": ["phantoms:headneck/28"]})

@@ -41,8 +41,15 @@ def test_reference_dose_scores_like_the_card(headneck28):
     # 90 % of the reference underdoses the PTV70: its D95 item fails to reach the goal
     assert e0.passed["PTV70 D95% [Gy]"] and not e1.passed["PTV70 D95% [Gy]"]
     assert e1.items["PTV70 D95% [Gy]"] in ("good", "fail", "variation")
+    # the body outside both PTVs: the reference's own mean there, and 90 % of it
+    outside = body & ~headneck28.structures["PTV70"] & ~headneck28.structures["PTV56"]
+    assert headneck28.targets == ["PTV70", "PTV56"] and outside.sum() < body.sum()
+    assert e0.outside_targets_gy == pytest.approx(float(ref[outside].mean()), rel=1e-6)
+    assert e1.outside_targets_gy == pytest.approx(0.9 * e0.outside_targets_gy, rel=1e-6)
+    assert e1.reference_outside_targets_gy == e0.outside_targets_gy
     s = r.summary()
     assert s["score_mean"] == pytest.approx((e0.normalised + e1.normalised) / 2)
+    assert s["outside_targets_gy"] == pytest.approx(0.95 * e0.outside_targets_gy, rel=1e-6)
     assert s["pass_rate"]["PTV70 D95% [Gy]"] == 0.5
     assert s["dose_score"] is None and s["dvh_score"] is None and s["diversity_gy"] is None
     assert set(r.to_dict()) == {"seeds", "diversity_samples", "cases", "diversity_gy", "summary"}

@@ -52,7 +52,7 @@ def test_a_full_document_round_trips(document, tmp_path):
 @pytest.mark.parametrize(
     ("path", "value", "message"),
     [
-        (("schema_version",), 2, "schema_version: this dosegym .* reads schema_version 1"),
+        (("schema_version",), 1, "schema_version: this dosegym .* reads schema_version 2"),
         (("agent",), "", "agent: must be a non-empty string"),
         (("wall_s",), float("nan"), "wall_s: must be a finite number"),
         (("samples_trained",), -1, "samples_trained: must be >= 0"),
