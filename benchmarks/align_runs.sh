@@ -15,6 +15,9 @@
 # as RESULTS/TASK/AGENT-sSEED/result.json, to be committed (a few tens of kB each): the
 # measured runs outlive the machine, and align_summary.py reads that folder like a run folder.
 # A run whose result is already there is skipped.
+# EVAL_EVERY (iterations between evaluations; default: the config's, 16 for openkbp, whose 33
+# validation patients cost ~10 minutes an evaluation here) and DIVERSITY (samples per eval case
+# for the diversity; default 4, 2 for openkbp).
 set -euo pipefail
 OUT=${1:?usage: align_runs.sh OUT_DIR TASK}
 TASK=${2:?usage: align_runs.sh OUT_DIR TASK}
@@ -26,10 +29,13 @@ HERE="$(cd "$(dirname "$0")/.." && pwd)"
 RESULTS=${RESULTS:-$HERE/benchmarks/results/align}
 
 case "$TASK" in
-  phantoms) DATA=(--cases phantoms:headneck/train --eval-cases phantoms:headneck/test --scorecard phantom_headneck) ;;
-  openkbp) DATA=(--cases "$OPENKBP/train-pats" --eval-cases "$OPENKBP/validation-pats" --scorecard headneck_rtog) ;;
+  phantoms) DATA=(--cases phantoms:headneck/train --eval-cases phantoms:headneck/test --scorecard phantom_headneck)
+    EVAL_EVERY=${EVAL_EVERY:-}; DIVERSITY=${DIVERSITY:-4} ;;
+  openkbp) DATA=(--cases "$OPENKBP/train-pats" --eval-cases "$OPENKBP/validation-pats" --scorecard headneck_rtog)
+    EVAL_EVERY=${EVAL_EVERY:-16}; DIVERSITY=${DIVERSITY:-2} ;;
   *) echo "unknown task $TASK (phantoms or openkbp)"; exit 2 ;;
 esac
+if [ -n "$EVAL_EVERY" ]; then DATA+=(--eval-every "$EVAL_EVERY"); fi
 
 for agent in $AGENTS; do
   for seed in $SEEDS; do
@@ -41,7 +47,7 @@ for agent in $AGENTS; do
     if [ -f "$run/run.json" ]; then resume=(--resume); fi
     echo "$(date -u +%FT%TZ) start $run ${resume[*]}"
     dosegym align --agent "$agent" --config "$HERE/configs/align/$agent.yaml" --seed "$seed" \
-      --samples "$SAMPLES" --out "$run" --diversity-samples 4 --no-progress "${DATA[@]}" "${resume[@]}"
+      --samples "$SAMPLES" --out "$run" --diversity-samples "$DIVERSITY" --no-progress "${DATA[@]}" "${resume[@]}"
     mkdir -p "$(dirname "$kept")"
     cp "$run/result.json" "$kept.partial" && mv "$kept.partial" "$kept"
     echo "$(date -u +%FT%TZ) end $run"

@@ -123,7 +123,8 @@ def main() -> None:
     grads: dict[str, list[torch.Tensor]] = {r: [] for r in REWARDS}
     t0 = time.perf_counter()
     for j in range(args.batches):
-        ro = collect(env, agent.sampling_policy(), [10_000 + j], cfg.sample_eta, [picks])
+        # a vector env seeds sub-env i with seed + i: batch seeds far apart share no episode
+        ro = collect(env, agent.sampling_policy(), [10_000 + 1_000 * j], cfg.sample_eta, [picks])
         rewards = {
             "env": ro.rewards,
             "mean_dose": ro.x0.double().mean(dim=(1, 2, 3, 4)).numpy(),

@@ -196,6 +196,9 @@ def align(
     config: Path | None = typer.Option(None, "--config", help="Agent config YAML (fields of its config)."),
     seed: int | None = typer.Option(None, "--seed", min=0, help="Overrides the config's seed."),
     steps: int | None = typer.Option(None, "--steps", min=1, help="Overrides sample_num_steps."),
+    eval_every: int | None = typer.Option(
+        None, "--eval-every", min=1, help="Overrides eval_every (iterations between evaluations)."
+    ),
     num_envs: int | None = typer.Option(
         None, "--num-envs", min=1, help="Episodes stepped at once (default samples_per_iteration)."
     ),
@@ -242,6 +245,8 @@ def align(
         overrides["seed"] = seed
     if steps is not None:
         overrides["sample_num_steps"] = steps
+    if eval_every is not None:
+        overrides["eval_every"] = eval_every
     cfg = cls.Config.coerce(cfg, **overrides)
     seeds = _seeds(eval_seeds)
     dev = resolve_device(device, "--device")

@@ -103,6 +103,12 @@ def test_a_learner_run_writes_a_valid_result_tensorboard_and_checkpoint(tiny_che
     assert [e.step for e in events.Scalars("eval/score_mean")] == [0, 2, 4, 4]  # before, every eval, after
     assert list((out / "tb" / "hparams").glob("events.out.tfevents.*"))  # the hyperparameter table
     assert "eval score" in r.output and "result.json" in r.output
+    # --eval-every overrides the config's eval_every: before and after only
+    sparse = tmp_path / "sparse"
+    r = align(tiny_checkpoint, sparse, "--config", str(cfg), "--num-envs", "2", "--eval-every", "5")
+    assert r.exit_code == 0, r.output
+    doc = read_result(sparse)
+    assert doc["config"]["eval_every"] == 5 and [e["samples"] for e in doc["eval_history"]] == [0, 4]
 
 
 def test_resume_continues_exactly(tiny_checkpoint, tmp_path):
