@@ -217,7 +217,7 @@ def align(
     """Align the model to a scorecard with an agent; evaluate before and after on held-out cases."""
     from dosegym.agents import registry
     from dosegym.agents.base import SHIPPED
-    from dosegym.agents.evaluate import evaluate
+    from dosegym.agents.evaluate import PolicyPredictor, evaluate
     from dosegym.agents.result import write_result
     from dosegym.data.atomic import atomic_folder, atomic_path, check_output_path, json_text
     from dosegym.diffusion.chain import check_num_steps
@@ -296,7 +296,13 @@ def align(
     eval_list = learner.eval_cases()
     before = _read_json(out / BEFORE_FILE) if resume and main else None
     if main and before is None:
-        before = evaluate(learner, eval_list, seeds, diversity_samples).to_dict()
+        # an agent that trains nothing (Best-of-N) is compared with the pretrained policy's own sample
+        baseline = (
+            learner
+            if cls.learns
+            else PolicyPredictor(policy, scorecard, steps=cfg.sample_num_steps, eta=cfg.predict_eta)
+        )
+        before = evaluate(baseline, eval_list, seeds, diversity_samples).to_dict()
         with atomic_path(out / BEFORE_FILE) as tmp:
             tmp.write_text(json_text(before), encoding="utf-8")
 

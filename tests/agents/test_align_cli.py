@@ -22,8 +22,11 @@ from typer.testing import CliRunner
 
 from dosegym import agents
 from dosegym.agents.base import Agent
+from dosegym.agents.evaluate import PolicyPredictor, evaluate
 from dosegym.agents.result import read_result
 from dosegym.cli.main import app
+from dosegym.data import read_case
+from dosegym.diffusion import load_pretrained
 
 STATE = "training_state.pt"
 
@@ -151,7 +154,13 @@ def test_best_of_n_run(tiny_checkpoint, tmp_path):
     assert r.exit_code == 0, r.output
     doc = read_result(out)
     assert doc["agent"] == "best_of_n" and doc["config"]["n"] == 2 and doc["samples_trained"] == 4
-    assert doc["before"] == doc["after"] and not (out / "checkpoint").exists()  # nothing trains
+    assert not (out / "checkpoint").exists()  # nothing trains
+    # "before" is the pretrained policy's own single sample (what Best-of-N is compared with)
+    policy = load_pretrained(tiny_checkpoint)
+    case = read_case("phantoms:headneck/28")
+    pretrained = evaluate(PolicyPredictor(policy, steps=2), [case], diversity_samples=2).summary()
+    for key in ("score_mean", "mae_gy", "diversity_gy"):
+        assert doc["before"]["summary"][key] == pytest.approx(pretrained[key], rel=1e-9), key
 
 
 @pytest.mark.parametrize(
