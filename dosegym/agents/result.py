@@ -25,8 +25,9 @@ top-level key required (``null`` where it says so), no other key:
 - ``train_cases``, ``eval_cases`` (list of str): the case references trained and evaluated on.
 - ``before``, ``after`` (object | null): :meth:`EvalResult.to_dict` of the eval cases before
   and after training (for an agent that trains nothing, Best-of-N, ``before`` is the pretrained
-  policy's single sample at the agent's ``sample_num_steps`` and ``predict_eta``): ``seeds`` (list of int), ``diversity_samples`` (int), ``cases`` (one
-  entry per case and seed: ``case_id``, ``seed``, ``card``, ``points``, ``maximum``,
+  policy's single sample at the agent's ``sample_num_steps`` and ``predict_eta``): ``seeds``
+  (list of int), ``diversity_samples`` (int), ``cases`` (one entry per case and seed:
+  ``case_id``, ``seed``, ``card``, ``points``, ``maximum``,
   ``normalised``, ``items`` (item -> status), ``passed`` (item -> bool), ``mae_gy``,
   ``outside_targets_gy``, ``reference_outside_targets_gy``, ``dose_score``, ``dvh_score``
   (number | null)), ``diversity_gy`` (case -> Gy) and ``summary`` (``cases``, ``seeds``,

@@ -88,6 +88,8 @@ class PPOGuidedConfig(PPOFields):
     guidance_scale: float | None = Field(None, ge=0)
     """GuidedDose's ``guidance_scale`` (units of the highest Rx) for rollouts and predictions;
     None: the env's own."""
+    log_std_init: float = 0.0
+    """Initial log std of the Gaussian actions (SB3's ``log_std_init``; 0: std 1 on actions in [-1, 1])."""
 
 
 class SACGuidedConfig(AgentConfig):
@@ -135,6 +137,10 @@ class SB3Guided(SB3Agent):
         """The algorithm's own arguments from the config."""
         raise NotImplementedError
 
+    def policy_kwargs(self) -> dict[str, Any]:
+        """The algorithm's policy arguments from the config, beside the features extractor."""
+        return {}
+
     def _guided_core(self) -> Any:
         if self.env is None:
             raise AgentError(f"{type(self).__name__} needs a GuidedDose env: give the agent env=...")
@@ -168,6 +174,7 @@ class SB3Guided(SB3Agent):
                     "volume_channels": 2 * core.gen_shape[0],
                     "channels": c.features_channels,
                 },
+                **self.policy_kwargs(),
             }
             with scoped_seed(rollout_seed(c.seed, 0, 0, MODEL_INIT)):
                 self.model = self.sb3_class()(
@@ -243,6 +250,9 @@ class PPOGuided(SB3Guided):
             **{k: getattr(c, k) for k in ("batch_size", "n_epochs", "gamma", "gae_lambda", "clip_range")},
             **{k: getattr(c, k) for k in ("ent_coef", "vf_coef", "max_grad_norm", "target_kl")},
         }
+
+    def policy_kwargs(self) -> dict[str, Any]:
+        return {"log_std_init": float(self.config.log_std_init)}
 
 
 class SACGuided(SB3Guided):

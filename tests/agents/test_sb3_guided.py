@@ -109,3 +109,12 @@ def test_the_config_guidance_scale_reaches_rollouts_and_predictions(cls, guided_
     strong = make(cls, guided_env, tiny_policy, guidance_scale=2.0)
     strong.learn(2)
     assert float(np.abs(strong.predict(headneck28, seed=1) - unguided).max()) > 0.1
+
+
+def test_ppo_log_std_init_reaches_the_policy(guided_env, tiny_policy):
+    """The config's initial log std is SB3's: exploration noise std exp(-1) on every weight."""
+    agent = make(PPOGuided, guided_env, tiny_policy, log_std_init=-1.0)
+    agent.learn(2)
+    log_std = agent.model.policy.log_std.detach()
+    assert log_std.shape == (guided_env.single_action_space.shape[0],)
+    assert torch.allclose(log_std, torch.full_like(log_std, -1.0), atol=0.05)  # one small update since
