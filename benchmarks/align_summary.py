@@ -11,7 +11,8 @@ the reference plans closed (``--reference TASK=SCORE``), the MAE to the referenc
 hacking raises) before and after, with the reference plans' own, the last iteration's KL to
 the reference, wall time and training samples/s. The PNG plots each run's eval score
 against samples trained (``eval_history``),
-one colour per agent, one panel per task.
+one colour per agent, one panel per task; an agent that trains nothing (Best-of-N) is a
+dotted level at its score.
 """
 
 from __future__ import annotations
@@ -127,6 +128,10 @@ def main() -> None:
                 if t != task:
                     continue
                 for k, (_, d) in enumerate(items):
+                    if d["iterations"] == 0:  # trains nothing (Best-of-N): a level, not a curve
+                        ax.axhline(d["after"]["summary"]["score_mean"], color=colours[agent], ls=":",
+                                   lw=1.2, label=f"{agent} (no training)" if k == 0 else None)  # fmt: skip
+                        continue
                     hist = [(0, d["before"]["summary"]["score_mean"])]
                     hist += [(h["samples"], h["score_mean"]) for h in d["eval_history"] if "samples" in h]
                     hist.append((d["samples_trained"], d["after"]["summary"]["score_mean"]))

@@ -2,7 +2,7 @@
 """DVHs of a case under aligned agents against the pretrained model and the reference plan.
 
 For reward hacking (issue 17): the agents of ``dosegym align`` runs (``RUN/checkpoint``, e.g.
-``configs/align/reward_hacking_off.yaml`` and ``..._on.yaml``) and the pretrained model each
+``configs/align/reward_hacking/off.yaml`` and ``on.yaml``) and the pretrained model each
 predict the case (eval seed 0, as ``dosegym align`` evaluates); the figure draws, per
 structure, the cumulative DVH (volume % receiving at least D Gy, from the voxel doses) of each
 prediction and of the reference dose; the table prints each one's mean dose in the body

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import yaml
 
 import dosegym.agents as agents
 from dosegym.agents.config import AgentConfig
@@ -148,3 +149,9 @@ def test_every_shipped_align_config_loads_into_its_agent():
         cls = agents.get(f.stem)
         cfg = cls.Config.from_yaml(f)
         assert cfg.agent_name == f.stem and cfg.samples_per_iteration >= 1
+    # the measured experiments' configs (subfolders) load into the agent their ``agent`` key names
+    experiments = sorted(folder.glob("*/*.yaml"))
+    assert {f.stem for f in experiments} >= {"off", "on", "control"}
+    for f in experiments:
+        name = yaml.safe_load(f.read_text())["agent"]
+        assert agents.get(name).Config.from_yaml(f).agent_name == name

@@ -20,7 +20,7 @@ w_fid=1``, raises the MAE from 15.5 to 26 Gy at seed 0), and ``w_fid`` 5 or 20 d
 the MAE (seed 0: 25.6 / 24.7 Gy); with ``mode="is"`` and trl's clip range 1e-4 nothing moves in
 10 iterations. (Adam moves every full weight of a random 16^3 model by about the learning
 rate per step whatever the gradient's sign, which swamps so small a model.) On the shipped
-model (``configs/align/reward_hacking_{off,on,control}.yaml``, ``docs/decisions.md``) the
+model (``configs/align/reward_hacking/{off,on,control}.yaml``, ``docs/decisions.md``) the
 same holds for the fidelity reward (it does not hold the MAE: 2.24 -> 3.38 Gy), while the KL
 to the frozen model with it does (2.24 -> 2.25 Gy, where the score alone took it to 4.02 Gy).
 """
