@@ -42,22 +42,12 @@ from bench_common import ROOT
 
 from dosegym.agents import registry
 from dosegym.agents.rollout import Rollouts, collect, step_gaussian
+from dosegym.agents.stat_tracking import PerCaseStatTracker
 from dosegym.cli.align import case_refs, make_env
 from dosegym.diffusion import load_pretrained
 from dosegym.diffusion.schedulers import gaussian_log_prob
 
 REWARDS = ("env", "mean_dose", "random")
-
-
-def per_case_advantages(keys: list[str], rewards: np.ndarray) -> np.ndarray:
-    """Rewards standardised within each case's samples (``ddof=0``; a constant group gives 0)."""
-    keys_arr = np.asarray(keys, dtype=object)
-    adv = np.zeros_like(rewards, dtype=np.float64)
-    for k in dict.fromkeys(keys):
-        m = keys_arr == k
-        std = rewards[m].std()
-        adv[m] = (rewards[m] - rewards[m].mean()) / std if std > 0 else 0.0
-    return adv
 
 
 def gradient(agent, ro: Rollouts, adv: np.ndarray, steps: list[int], minibatch: int) -> torch.Tensor:
@@ -131,9 +121,9 @@ def main() -> None:
             "random": np.random.default_rng(j).standard_normal(len(ro)),
         }
         for r in REWARDS:
-            grads[r].append(
-                gradient(agent, ro, per_case_advantages(ro.case_keys, rewards[r]), steps, args.minibatch)
-            )
+            # fresh per-case statistics of this batch alone (DDPO's tracker once it has its counts)
+            adv = PerCaseStatTracker(b, args.samples_per_case).update(ro.case_keys, rewards[r])
+            grads[r].append(gradient(agent, ro, adv, steps, args.minibatch))
         spread = {r: float(np.ptp(v)) for r, v in rewards.items()}
         print(
             f"  batch {j + 1}/{args.batches} done at {time.perf_counter() - t0:.0f} s; reward spread {spread}"

@@ -23,13 +23,15 @@ from dosegym.agents import registry
 from dosegym.agents.evaluate import mae_to_reference_gy, outside_targets_mask
 from dosegym.data import read_case
 from dosegym.diffusion import load_pretrained
+from dosegym.scorecards.dvh import compute_dvh
 from dosegym.scorecards.registry import load_card
 
 
-def cumulative_dvh(dose_gy: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(dose Gy, volume %)``: the share of ``mask``'s voxels receiving at least each dose."""
-    d = np.sort(np.asarray(dose_gy, dtype=np.float64)[mask])[::-1]
-    return d, 100.0 * np.arange(1, d.size + 1) / d.size
+def cumulative_dvh(case, dose_gy: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(dose Gy, volume %)`` of the project's DVH engine: the share of ``mask`` receiving at
+    least each dose."""
+    dvh = compute_dvh(np.asarray(dose_gy), mask, voxel_volume_cc=case.voxel_volume_cc)
+    return dvh.doses_gy, 100.0 * dvh.cum_volume_cc / dvh.total_volume_cc
 
 
 def main() -> None:
@@ -78,7 +80,7 @@ def main() -> None:
         for ax, (title, mask) in zip(axes[0], panels):
             for k, (name, dose) in enumerate(doses.items()):
                 style = {"color": "k", "ls": "--"} if name == "reference" else {"color": f"C{k}"}
-                ax.plot(*cumulative_dvh(dose, mask), lw=1.3, label=name, **style)
+                ax.plot(*cumulative_dvh(case, dose, mask), lw=1.3, label=name, **style)
             ax.set(title=title, xlabel="dose (Gy)", ylabel="volume (%)", ylim=(0, 101))
             ax.grid(alpha=0.3)
         axes[0][0].legend(fontsize=7)
