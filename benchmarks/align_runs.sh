@@ -46,7 +46,7 @@ for agent in $AGENTS; do
     resume=()
     if [ -f "$run/run.json" ]; then resume=(--resume); fi
     echo "$(date -u +%FT%TZ) start $run ${resume[*]}"
-    dosegym align --agent "$agent" --config "$HERE/configs/align/$agent.yaml" --seed "$seed" \
+    dosegym align --agent "$agent" --config "$HERE/dosegym/agents/configs/$agent.yaml" --seed "$seed" \
       --samples "$SAMPLES" --out "$run" --diversity-samples "$DIVERSITY" --no-progress "${DATA[@]}" "${resume[@]}"
     mkdir -p "$(dirname "$kept")"
     cp "$run/result.json" "$kept.partial" && mv "$kept.partial" "$kept"

@@ -26,7 +26,7 @@ and ``r = n (1 - c) / c`` is the number of samples a batch at which an estimate 
 cosines. Each reward's ``c`` and ``r`` are measured in the same run.
 
     PYTHONPATH=. python benchmarks/gradient_agreement.py [--batches 4] [--cases-per-batch 2]
-        [--samples-per-case 4] [--trained-steps 5] [--threads 1] [--config configs/align/ddpo.yaml]
+        [--samples-per-case 4] [--trained-steps 5] [--threads 1] [--config dosegym/agents/configs/ddpo.yaml]
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ def gradient(agent, ro: Rollouts, adv: np.ndarray, steps: list[int], minibatch: 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", type=Path, default=ROOT / "configs" / "align" / "ddpo.yaml")
+    ap.add_argument("--config", type=Path, default=ROOT / "dosegym" / "agents" / "configs" / "ddpo.yaml")
     ap.add_argument(
         "--cases", default="phantoms:headneck/train", help="case source (the first cases are used)"
     )

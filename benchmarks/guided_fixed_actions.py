@@ -12,7 +12,7 @@ mean normalised exact card score and MAE to the reference, Gy). Rows:
 * ``all 1`` (all +1);
 * ``targets 1`` (the targets group +1, the others -1).
 
-    PYTHONPATH=. python benchmarks/guided_fixed_actions.py [--config configs/align/ppo_guided.yaml]
+    PYTHONPATH=. python benchmarks/guided_fixed_actions.py [--config dosegym/agents/configs/ppo_guided.yaml]
         [--eval-cases phantoms:headneck/test] [--scorecard phantom_headneck] [--threads 1]
 """
 
@@ -45,7 +45,7 @@ class Constant:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", type=Path, default=ROOT / "configs" / "align" / "ppo_guided.yaml")
+    ap.add_argument("--config", type=Path, default=ROOT / "dosegym" / "agents" / "configs" / "ppo_guided.yaml")
     ap.add_argument("--eval-cases", default="phantoms:headneck/test")
     ap.add_argument("--scorecard", default="phantom_headneck")
     ap.add_argument("--threads", type=int, default=1)

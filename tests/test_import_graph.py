@@ -10,7 +10,7 @@ entry points of ``dosegym.envs`` name), except a string naming a package the mod
 
 Layers, lowest first: ``data``; ``scorecards`` and ``diffusion`` (siblings: neither imports
 the other); ``envs``; the package root ``dosegym/__init__.py`` (it registers the envs);
-``agents``; ``bench``; ``cli``. ``dosegym.errors`` and ``dosegym._version`` are leaves anyone
+``agents``; ``bench`` and ``report`` (siblings); ``cli``. ``dosegym.errors`` and ``dosegym._version`` are leaves anyone
 may import. "Across packages" means between two of these top-level parts.
 """
 
@@ -38,6 +38,7 @@ LAYERS: dict[str, int] = {
     "": 3,
     "agents": 4,
     "bench": 5,
+    "report": 5,
     "cli": 6,
 }
 

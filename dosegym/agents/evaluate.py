@@ -120,6 +120,8 @@ class EvalResult:
     diversity_gy: dict[str, float] = field(default_factory=dict)
     #: The OpenKBP DVH errors of each entry, pooled by :meth:`summary` (not serialised).
     dvh_errors: list[list[float]] = field(default_factory=list, repr=False)
+    #: ``keep_doses``: case id -> the first seed's dose (Gy, case grid; not serialised).
+    doses: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
     def summary(self) -> dict[str, Any]:
         """Means over the entries: ``score_mean`` (normalised), ``score_std``, ``points_mean``,
@@ -253,11 +255,13 @@ def evaluate(
     seeds: Sequence[int] = (0,),
     diversity_samples: int = 0,
     progress: Callable[[int, int], None] | bool = False,
+    keep_doses: int = 0,
 ) -> EvalResult:
     """Score ``agent``'s predictions of ``cases`` at ``seeds`` (see the module docstring).
 
     ``progress``: True shows a tqdm bar (stderr); a callable is called ``(done, total)``
-    after each prediction.
+    after each prediction. ``keep_doses`` K: the first seed's doses of the first K cases are
+    kept in ``result.doses`` (for pictures; -1: every case).
     """
     cases = list(cases)
     seeds = [int(s) for s in seeds]
@@ -293,6 +297,8 @@ def evaluate(
                     bar.update(1)
                 elif callable(progress):
                     progress(done, total)
+            if keep_doses < 0 or len(result.doses) < keep_doses:
+                result.doses[case.case_id] = doses[seeds[0]]
             for seed in seeds:
                 entry, errors = score_case(case, card, doses[seed], seed)
                 result.entries.append(entry)

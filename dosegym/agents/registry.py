@@ -8,6 +8,9 @@ its own fields, one docstring line each), then add the line
 agent's module only when it is asked for (so ``import dosegym.agents`` stays torch-free),
 and agent modules never import this one (no import circle). :func:`register` adds an agent
 defined outside the package (a plugin, a test) at run time.
+
+:func:`shipped_config` is an agent's measured config (``dosegym/agents/configs/NAME.yaml``,
+the settings of its runs in ``benchmarks/results/align/``), where one ships.
 """
 
 from __future__ import annotations
@@ -68,6 +71,16 @@ def get(name: str) -> Any:
             )
         _CLASSES[name] = cls
     return _CLASSES[name]
+
+
+def shipped_config(name: str) -> Path | None:
+    """The shipped config file of agent ``name`` (``dosegym/agents/configs/NAME.yaml``); None
+    where none ships (a plugin); ``AgentError`` for an unknown name."""
+    get(name)
+    from importlib.resources import files
+
+    path = Path(str(files("dosegym.agents") / "configs" / f"{name}.yaml"))
+    return path if path.is_file() else None
 
 
 def load(folder: str | Path, env: Any = None, policy: Any = None) -> Any:

@@ -10,6 +10,8 @@ The run folder ``--out DIR`` (new, empty, or an earlier ``dosegym align`` run wi
   learn only);
 - ``tb/``: TensorBoard logs: ``train/*`` scalars per iteration and ``eval/*`` scalars per
   evaluation against samples trained, and the config's hyperparameter table (``tb/hparams``);
+- ``doses/before/``, ``doses/after/``: the doses of the first ``--keep-doses`` eval cases
+  (first eval seed; :mod:`dosegym.report.saved`), what ``dosegym report`` draws;
 - ``result.json``: the versioned result (:mod:`dosegym.agents.result`), validated.
 
 The agent's rollout env is the native vector env of the kind its class asks for
@@ -27,6 +29,7 @@ import importlib
 import math
 import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +52,8 @@ ENV_KINDS = {
     "denoise": "dosegym.envs.denoise:DenoiseDoseVectorEnv",
     "guided": "dosegym.envs.guided:GuidedDoseVectorEnv",
 }
+#: Eval cases whose doses (first eval seed, before and after) a run keeps for its report.
+KEEP_DOSES = 4
 #: The training metrics shown on the progress bar: info key -> label.
 BAR_FIELDS = {"reward_mean": "reward", "score_mean": "score", "kl_mean": "KL", "mae_gy": "MAE"}
 
@@ -80,7 +85,7 @@ def default_eval_cases(cases: str) -> str:
     return f"{base}/test"
 
 
-def case_refs(spec: str, option: str) -> list[str]:
+def case_refs(spec: str | list[str], option: str) -> list[str]:
     """The case references of a source (paths or ``phantoms:SITE/N`` ids); ``AgentError`` names ``option``."""
     from dosegym.envs.sources import CaseSource
     from dosegym.errors import DosegymError
@@ -213,8 +218,69 @@ def align(
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its checkpoint."),
     force: bool = typer.Option(False, "--force", help="Resume even when the config or options differ."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
+    keep_doses: int = typer.Option(
+        KEEP_DOSES,
+        "--keep-doses",
+        min=-1,
+        help="Eval cases whose doses are kept for `dosegym report` (-1: all).",
+    ),
 ) -> None:
     """Align the model to a scorecard with an agent; evaluate before and after on held-out cases."""
+    options = {k: v for k, v in locals().items()}
+    outcome = run_align(AlignOptions(**options))
+    if outcome is None:
+        return
+    s0, s1 = outcome.before["summary"], outcome.after["summary"]
+    mae = f", MAE {_number(s0['mae_gy'])} -> {_number(s1['mae_gy'])} Gy" if s1["mae_gy"] is not None else ""
+    console.print(
+        f"{agent}: {outcome.doc['samples_trained']} samples; eval score {s0['score_mean']:.3f} -> "
+        f"{s1['score_mean']:.3f}{mae}; {outcome.path}",
+        soft_wrap=True,
+    )
+
+
+@dataclass
+class AlignOptions:
+    """The options of one ``dosegym align`` run, as Python (the command's flags, same names)."""
+
+    agent: str
+    samples: int
+    out: Path
+    scorecard: str | None = None
+    cases: str | list[str] = "phantoms:headneck/train"
+    eval_cases: str | list[str] | None = None
+    config: Path | None = None
+    seed: int | None = None
+    steps: int | None = None
+    eval_every: int | None = None
+    num_envs: int | None = None
+    device: str = "cpu"
+    checkpoint: Path | None = None
+    eval_seeds: str = "0"
+    diversity_samples: int = 4
+    resume: bool = False
+    force: bool = False
+    progress: bool = True
+    keep_doses: int = KEEP_DOSES
+    #: Config fields set over the config file's (``dosegym demo``'s budget).
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class AlignOutcome:
+    """What :func:`run_align` did: the result document and where it went, the evaluations
+    before and after (``evaluate(...).to_dict()``), and the trained agent."""
+
+    doc: dict[str, Any]
+    path: Path
+    before: dict[str, Any]
+    after: dict[str, Any]
+    learner: Any
+
+
+def run_align(o: AlignOptions) -> AlignOutcome | None:
+    """One ``dosegym align`` run into ``o.out`` (see the module docstring); None on the
+    non-main processes of an ``accelerate launch``."""
     from dosegym.agents import registry
     from dosegym.agents.base import SHIPPED
     from dosegym.agents.evaluate import PolicyPredictor, evaluate
@@ -223,8 +289,12 @@ def align(
     from dosegym.diffusion.chain import check_num_steps
     from dosegym.diffusion.checkpoint import resolve_device
     from dosegym.diffusion.policy import load_pretrained
+    from dosegym.report.saved import write_doses
     from dosegym.scorecards.registry import load_card
 
+    agent, samples, out, scorecard, cases = o.agent, o.samples, Path(o.out), o.scorecard, o.cases
+    config, checkpoint, resume, force = o.config, o.checkpoint, o.resume, o.force
+    diversity_samples = o.diversity_samples
     started = time.perf_counter()
     main = is_main_process()  # the others neither check nor write --out: the main one's refusal stops them
     if main:
@@ -239,18 +309,15 @@ def align(
     if scorecard is not None:
         load_card(scorecard)  # an unknown card fails here, listing the built-in ones
     train_refs = case_refs(cases, "--cases")
-    eval_refs = case_refs(eval_cases or default_eval_cases(cases), "--eval-cases")
-    overrides: dict[str, Any] = {"eval_cases": eval_refs}
-    if seed is not None:
-        overrides["seed"] = seed
-    if steps is not None:
-        overrides["sample_num_steps"] = steps
-    if eval_every is not None:
-        overrides["eval_every"] = eval_every
+    eval_refs = case_refs(o.eval_cases or default_eval_cases(cases), "--eval-cases")
+    overrides: dict[str, Any] = {**o.overrides, "eval_cases": eval_refs}
+    for key, value in (("seed", o.seed), ("sample_num_steps", o.steps), ("eval_every", o.eval_every)):
+        if value is not None:
+            overrides[key] = value
     cfg = cls.Config.coerce(cfg, **overrides)
-    seeds = _seeds(eval_seeds)
-    dev = resolve_device(device, "--device")
-    b = num_envs or (cfg.samples_per_iteration // world_size() if cls.learns else 1)  # per process
+    seeds = _seeds(o.eval_seeds)
+    dev = resolve_device(o.device, "--device")
+    b = o.num_envs or (cfg.samples_per_iteration // world_size() if cls.learns else 1)  # per process
     run = {
         "agent": agent,
         "config": cfg.to_dict(),
@@ -302,11 +369,13 @@ def align(
             if cls.learns
             else PolicyPredictor(policy, scorecard, steps=cfg.sample_num_steps, eta=cfg.predict_eta)
         )
-        before = evaluate(baseline, eval_list, seeds, diversity_samples).to_dict()
+        evaluated = evaluate(baseline, eval_list, seeds, diversity_samples, o.progress, o.keep_doses)
+        before = evaluated.to_dict()
+        write_doses(out, "before", evaluated.doses, eval_list, eval_refs)
         with atomic_path(out / BEFORE_FILE) as tmp:
             tmp.write_text(json_text(before), encoding="utf-8")
 
-    logger = Logger(out, samples, start_samples, progress) if main else None
+    logger = Logger(out, samples, start_samples, o.progress) if main else None
     closed = False
     try:
         if logger is not None and before is not None and start_samples == 0:
@@ -335,7 +404,9 @@ def align(
             return
         if learner.learns:
             learner.save(ckpt, training_state=True)
-        after = evaluate(learner, eval_list, seeds, diversity_samples).to_dict()
+        evaluated = evaluate(learner, eval_list, seeds, diversity_samples, o.progress, o.keep_doses)
+        after = evaluated.to_dict()
+        write_doses(out, "after", evaluated.doses, eval_list, eval_refs)
         assert logger is not None and before is not None
         logger.evaluation(after["summary"], int(learner.samples_trained))
         s0, s1 = before["summary"], after["summary"]
@@ -356,12 +427,7 @@ def align(
         after=after,
     )
     path = write_result(out, doc)
-    mae = f", MAE {_number(s0['mae_gy'])} -> {_number(s1['mae_gy'])} Gy" if s1["mae_gy"] is not None else ""
-    console.print(
-        f"{agent}: {learner.samples_trained} samples; eval score {s0['score_mean']:.3f} -> "
-        f"{s1['score_mean']:.3f}{mae}; {path}",
-        soft_wrap=True,
-    )
+    return AlignOutcome(doc=doc, path=path, before=before, after=after, learner=learner)
 
 
 def _seeds(text: str) -> list[int]:

@@ -7,7 +7,9 @@ import typer
 from dosegym._version import __version__
 from dosegym.cli import align as align_cli
 from dosegym.cli import data as data_cli
+from dosegym.cli import demo as demo_cli
 from dosegym.cli import model as model_cli
+from dosegym.cli import report as report_cli
 from dosegym.cli import score as score_cli
 from dosegym.cli._common import set_debug
 
@@ -23,6 +25,8 @@ app.command("pretrain")(model_cli.pretrain)
 app.command("predict")(model_cli.predict)
 app.command("score")(score_cli.score)
 app.command("align")(align_cli.align)
+app.command("demo")(demo_cli.demo)
+app.command("report")(report_cli.report)
 
 
 def _version(value: bool) -> None:

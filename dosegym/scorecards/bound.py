@@ -120,6 +120,15 @@ class BoundScorecard:
             dose, where=where, prescription_gy=rx, allow_high=allow_high, error=ScorecardError
         )
 
+    def structures(self) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
+        """The structures the card scores on the case, by item ``structure`` (card order, once
+        each): ``(mask, occupancy)`` on the case grid; unmatched items left out."""
+        out: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
+        for item, res in zip(self.card.items, self.resolved):
+            if res.mask is not None and item.structure not in out:
+                out[item.structure] = (res.mask, res.occupancy)
+        return out
+
     def score(self, dose_gy: np.ndarray | None = None, *, allow_high: bool = False) -> ScoreReport:
         """Score one dose (Gy, ``(z, y, x)``; default the case's) -> ``ScoreReport``.
         ``allow_high``: accept a dose above the dose rule's maximum (the environments, whose
