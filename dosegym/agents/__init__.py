@@ -31,7 +31,7 @@ import importlib
 from typing import Any
 
 from dosegym.agents.config import AgentConfig
-from dosegym.agents.registry import available, get, load, register
+from dosegym.agents.registry import available, get, load, register, shipped_config
 
 _LAZY = {
     "Agent": "dosegym.agents.base",
@@ -55,4 +55,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'dosegym.agents' has no attribute {name!r}")
 
 
-__all__ = ["AgentConfig", "available", "get", "load", "register", *_LAZY]
+__all__ = ["AgentConfig", "available", "get", "load", "register", "shipped_config", *_LAZY]
