@@ -256,12 +256,13 @@ def evaluate(
     diversity_samples: int = 0,
     progress: Callable[[int, int], None] | bool = False,
     keep_doses: int = 0,
+    desc: str = "evaluate",
 ) -> EvalResult:
     """Score ``agent``'s predictions of ``cases`` at ``seeds`` (see the module docstring).
 
     ``progress``: True shows a tqdm bar (stderr); a callable is called ``(done, total)``
     after each prediction. ``keep_doses`` K: the first seed's doses of the first K cases are
-    kept in ``result.doses`` (for pictures; -1: every case).
+    kept in ``result.doses`` (for pictures; -1: every case). ``desc``: the bar's label.
     """
     cases = list(cases)
     seeds = [int(s) for s in seeds]
@@ -280,7 +281,7 @@ def evaluate(
     if progress is True:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=total, desc="evaluate", unit="dose", leave=False)
+        bar = tqdm(total=total, desc=desc, unit="dose", leave=False)
     check = getattr(agent, "check_card_fit", None)
     if check is not None:
         check(cases)

@@ -369,7 +369,15 @@ def run_align(o: AlignOptions) -> AlignOutcome | None:
             if cls.learns
             else PolicyPredictor(policy, scorecard, steps=cfg.sample_num_steps, eta=cfg.predict_eta)
         )
-        evaluated = evaluate(baseline, eval_list, seeds, diversity_samples, o.progress, o.keep_doses)
+        evaluated = evaluate(
+            baseline,
+            eval_list,
+            seeds,
+            diversity_samples,
+            o.progress,
+            o.keep_doses,
+            "predict + score (before)",
+        )
         before = evaluated.to_dict()
         write_doses(out, "before", evaluated.doses, eval_list, eval_refs)
         with atomic_path(out / BEFORE_FILE) as tmp:
@@ -404,7 +412,9 @@ def run_align(o: AlignOptions) -> AlignOutcome | None:
             return
         if learner.learns:
             learner.save(ckpt, training_state=True)
-        evaluated = evaluate(learner, eval_list, seeds, diversity_samples, o.progress, o.keep_doses)
+        evaluated = evaluate(
+            learner, eval_list, seeds, diversity_samples, o.progress, o.keep_doses, "predict + score (after)"
+        )
         after = evaluated.to_dict()
         write_doses(out, "after", evaluated.doses, eval_list, eval_refs)
         assert logger is not None and before is not None

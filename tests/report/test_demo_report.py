@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from helpers import save_tiny_checkpoint
+from shared_data import TRAIN_PATS, need
 from typer.testing import CliRunner
 
 from dosegym.cli.main import app
@@ -114,6 +115,24 @@ def test_demo_bad_input_names_what_is_valid(setup, tmp_path, extra, message):
     r = demo(setup, tmp_path / "o", *extra)
     assert r.exit_code == 2 and message in r.output and "Traceback" not in r.output
     assert not (tmp_path / "o").exists()
+
+
+def test_demo_on_real_openkbp_patients_holds_the_last_one_out(setup, tmp_path):
+    """``--cases`` an OpenKBP folder (the shared pt_108 and pt_196): aligned on the first, the
+    last shown, scored with the site's card (headneck_rtog) and given the challenge scores."""
+    folder = need(TRAIN_PATS)
+    args = ["demo", "--checkpoint", str(setup["checkpoint"]), "--config", str(setup["config"]), "--cases",
+            str(folder), "--samples", "2", "--out", str(tmp_path / "o"), "--no-progress"]  # fmt: skip
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.output
+    result = json.loads((tmp_path / "o" / "result.json").read_text())
+    assert [Path(c).name for c in result["train_cases"]] == ["pt_108"]
+    (entry,) = result["after"]["cases"]
+    assert (
+        entry["case_id"] == "pt_196" and entry["card"].startswith("Head and neck") and entry["dose_score"] > 0
+    )
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert report["cases"][0]["case_id"] == "pt_196"
 
 
 def test_kept_doses_round_trip(tmp_path):
