@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from dosegym.agents.evaluate import mae_to_reference_gy
 from dosegym.agents.result import read_result
 from dosegym.data.case import Case
 from dosegym.envs.cards import CardChooser
@@ -133,13 +134,6 @@ def _thin(dose: np.ndarray, volume: np.ndarray) -> dict[str, list[float]]:
     }
 
 
-def _mae(case: Case, dose: np.ndarray) -> float | None:
-    if case.dose is None:
-        return None
-    diff = np.abs(np.asarray(dose, np.float64) - case.dose)
-    return float(diff[case.body].mean() if case.body is not None and case.body.any() else diff.mean())
-
-
 def case_content(case: Case, ref: str, card: Any, doses: Mapping[str, np.ndarray]) -> CaseContent:
     """Scores, MAE, DVHs and pictures of one case's ``doses`` (label -> Gy, case grid)."""
     scores = {label: card.score(case, dose) for label, dose in doses.items()}
@@ -164,7 +158,10 @@ def case_content(case: Case, ref: str, card: Any, doses: Mapping[str, np.ndarray
         ),
         "dvh": figures.dvh_plot(curves),
     }
-    mae = {label: (_mae(case, dose) if label != "reference" else 0.0) for label, dose in doses.items()}
+    mae = {
+        label: (mae_to_reference_gy(case, dose) if label != "reference" else 0.0)
+        for label, dose in doses.items()
+    }
     return CaseContent(case.case_id, ref, card.name, scores, mae, dvh, pictures)
 
 
