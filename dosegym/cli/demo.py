@@ -78,6 +78,9 @@ def demo(
     force: bool = typer.Option(
         False, "--force", help="Replace an earlier demo in --out (once the new one is complete)."
     ),
+    allow_card_mismatch: bool = typer.Option(
+        False, "--allow-card-mismatch", help="Use a card that matches under half of a case's points."
+    ),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bars."),
 ) -> None:
     """Predict, score, align and evaluate on the shipped defaults; a summary table and a report."""
@@ -118,6 +121,7 @@ def demo(
             diversity_samples=0,
             progress=progress,
             keep_doses=-1,
+            overrides={"allow_card_mismatch": True} if allow_card_mismatch else {},
         )
         outcome = run_align(options)
         assert outcome is not None  # one process

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from helpers import save_tiny_checkpoint
-from shared_data import TRAIN_PATS, need
+from shared_data import LUNG_JSON, TRAIN_PATS, need
 from typer.testing import CliRunner
 
 from dosegym.cli.main import app
@@ -133,6 +133,25 @@ def test_demo_on_real_openkbp_patients_holds_the_last_one_out(setup, tmp_path):
     )
     report = json.loads((tmp_path / "o" / "report.json").read_text())
     assert report["cases"][0]["case_id"] == "pt_196"
+
+
+def test_demo_takes_a_maas_json_card(setup, tmp_path):
+    """The shared Varian lung card on two lung phantoms: refused as a poor fit (it names the
+    flag's setting), then run with ``--allow-card-mismatch``."""
+    card = need(LUNG_JSON)
+    cases = tmp_path / "lung"
+    cases.mkdir()
+    phantoms = Path(str(files("dosegym") / "assets" / "phantoms" / "lung"))
+    for name in ("lung_000.npz", "lung_028.npz"):
+        shutil.copy(phantoms / name, cases / name)
+    args = ["demo", "--checkpoint", str(setup["checkpoint"]), "--config", str(setup["config"]), "--cases",
+            str(cases), "--samples", "2", "--scorecard", str(card), "--no-progress"]  # fmt: skip
+    r = runner.invoke(app, [*args, "--out", str(tmp_path / "a")])
+    assert r.exit_code == 2 and "does not fit" in r.output and "allow_card_mismatch" in r.output
+    r = runner.invoke(app, [*args, "--out", str(tmp_path / "b"), "--allow-card-mismatch"])
+    assert r.exit_code == 0, r.output
+    report = json.loads((tmp_path / "b" / "report.json").read_text())
+    assert report["cases"][0]["card"] == "Lung 60Gy" and report["run"]["scorecard"] == str(card)
 
 
 def test_kept_doses_round_trip(tmp_path):
