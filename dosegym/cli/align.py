@@ -226,8 +226,7 @@ def align(
     ),
 ) -> None:
     """Align the model to a scorecard with an agent; evaluate before and after on held-out cases."""
-    options = {k: v for k, v in locals().items()}
-    outcome = run_align(AlignOptions(**options))
+    outcome = run_align(AlignOptions(**locals()))
     if outcome is None:
         return
     s0, s1 = outcome.before["summary"], outcome.after["summary"]
