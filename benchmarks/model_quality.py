@@ -9,7 +9,10 @@ For each case the prediction is mapped back onto the case's full grid (OpenKBP: 
 scored there: OpenKBP dose score and DVH score (the organisers' definitions,
 ``dosegym.scorecards.challenge``), MAE inside the body / possible-dose mask, and the sampling
 time per case. A diffusion model is reported twice: its first sample ("1 sample") and the
-voxel-wise mean of ``--samples`` samples ("mean of K"). Never pass OpenKBP test patients to
+voxel-wise mean of ``--samples`` samples ("mean of K"). Beside each model, its **floor**: the
+case's reference dose mapped onto that model's grid (``to_model``, the dose slot) and decoded
+back with the model's own ``DosePolicy.decode``, scored the same way; no prediction through
+that decode path can score better than it does. Never pass OpenKBP test patients to
 tune anything; validation-pats is what this script is for.
 """
 
@@ -49,6 +52,16 @@ def _mae_in_body(case, pred) -> float:
     return float(np.abs(pred[body] - case.dose[body]).mean())
 
 
+def _floor(policy, case) -> np.ndarray:
+    """The reference dose through ``policy``'s grid and back with its own decode (Gy, case grid)."""
+    from dosegym.diffusion import to_model
+
+    mi, _ = to_model(case, policy.spec)
+    x = mi.tensors["dose"][None].to(policy.device)
+    cond = policy.conditions(case)
+    return policy.decode(x, cond, to_case=case)[0].float().cpu().numpy()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", action="append", required=True, help="LABEL=CHECKPOINT_DIR (repeatable)")
@@ -82,15 +95,18 @@ def main() -> None:
             if args.device.startswith("cuda"):
                 torch.cuda.synchronize()
             dt = (time.perf_counter() - t0) / k
+            if not regression and out.ndim == 3:  # predict gives (Z, Y, X) for samples=1
+                out = out[None]
             variants = (
                 {label: out}
                 if regression
                 else {f"{label} (1 sample)": out[0], f"{label} (mean of {k})": out.mean(axis=0)}
             )
+            variants[f"{label} floor (reference round trip)"] = _floor(policy, case)
             for name, pred in variants.items():
                 key = (source, name)
                 preds.setdefault(key, []).append((case, pred))
-                times.setdefault(key, []).append(dt)
+                times.setdefault(key, []).append(0.0 if "floor" in name else dt)
                 maes.setdefault(key, []).append(_mae_in_body(case, pred))
         print(f"{source} {case.case_id} done", flush=True)
 
@@ -111,13 +127,13 @@ def main() -> None:
             row["dose_score_gy"], row["dvh_score_gy"] = s.dose_score, s.dvh_score
         results.append(row)
     header = (
-        f"{'source':9} {'model':28} {'n':>3} {'dose score':>10} {'DVH score':>9} {'MAE body':>8} "
+        f"{'source':9} {'model':40} {'n':>3} {'dose score':>10} {'DVH score':>9} {'MAE body':>8} "
         f"{'s/sample':>8} {'params':>9}"
     )
     print(header)
     for r in results:
         print(
-            f"{r['source']:9} {r['model']:28} {r['cases']:3d} {r.get('dose_score_gy', float('nan')):10.3f} "
+            f"{r['source']:9} {r['model']:40} {r['cases']:3d} {r.get('dose_score_gy', float('nan')):10.3f} "
             f"{r.get('dvh_score_gy', float('nan')):9.3f} {r['mae_body_gy']:8.3f} {r['sec_per_sample']:8.3f} "
             f"{r['parameters']:9d}"
         )
