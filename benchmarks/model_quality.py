@@ -56,10 +56,8 @@ def _floor(policy, case) -> np.ndarray:
     """The reference dose through ``policy``'s grid and back with its own decode (Gy, case grid)."""
     from dosegym.diffusion import to_model
 
-    mi, _ = to_model(case, policy.spec)
-    x = mi.tensors["dose"][None].to(policy.device)
-    cond = policy.conditions(case)
-    return policy.decode(x, cond, to_case=case)[0].float().cpu().numpy()
+    cond = policy.conditions(to_model(case, policy.spec)[0])
+    return policy.decode(cond.tensors["dose"], cond, to_case=case)[0].float().cpu().numpy()
 
 
 def main() -> None:
@@ -98,15 +96,15 @@ def main() -> None:
             if not regression and out.ndim == 3:  # predict gives (Z, Y, X) for samples=1
                 out = out[None]
             variants = (
-                {label: out}
+                {label: (out, dt)}
                 if regression
-                else {f"{label} (1 sample)": out[0], f"{label} (mean of {k})": out.mean(axis=0)}
+                else {f"{label} (1 sample)": (out[0], dt), f"{label} (mean of {k})": (out.mean(axis=0), dt)}
             )
-            variants[f"{label} floor (reference round trip)"] = _floor(policy, case)
-            for name, pred in variants.items():
+            variants[f"{label} floor (reference round trip)"] = (_floor(policy, case), 0.0)
+            for name, (pred, seconds) in variants.items():
                 key = (source, name)
                 preds.setdefault(key, []).append((case, pred))
-                times.setdefault(key, []).append(0.0 if "floor" in name else dt)
+                times.setdefault(key, []).append(seconds)
                 maes.setdefault(key, []).append(_mae_in_body(case, pred))
         print(f"{source} {case.case_id} done", flush=True)
 
