@@ -45,7 +45,8 @@ class Constant:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", type=Path, default=ROOT / "dosegym" / "agents" / "configs" / "ppo_guided.yaml")
+    configs = ROOT / "dosegym" / "agents" / "configs"
+    ap.add_argument("--config", type=Path, default=configs / "ppo_guided.yaml")
     ap.add_argument("--eval-cases", default="phantoms:headneck/test")
     ap.add_argument("--scorecard", default="phantom_headneck")
     ap.add_argument("--threads", type=int, default=1)

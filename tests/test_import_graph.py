@@ -10,8 +10,9 @@ entry points of ``dosegym.envs`` name), except a string naming a package the mod
 
 Layers, lowest first: ``data``; ``scorecards`` and ``diffusion`` (siblings: neither imports
 the other); ``envs``; the package root ``dosegym/__init__.py`` (it registers the envs);
-``agents``; ``bench`` and ``report`` (siblings); ``cli``. ``dosegym.errors`` and ``dosegym._version`` are leaves anyone
-may import. "Across packages" means between two of these top-level parts.
+``agents``; ``bench`` and ``report`` (siblings); ``cli``. ``dosegym.errors`` and
+``dosegym._version`` are leaves anyone may import. "Across packages" means between two of
+these top-level parts.
 """
 
 from __future__ import annotations
