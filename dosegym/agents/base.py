@@ -185,7 +185,9 @@ class Agent:
         if self._merged is None or self._merged.source is not self.policy.model:
             self._merged = lora.MergedCopy(self.policy.model)
             p = self.policy
-            self._sampling = DosePolicy(self._merged.model, sampler=p.sampler, eta=p.eta, device=p.device)
+            self._sampling = DosePolicy(
+                self._merged.model, sampler=p.sampler, eta=p.eta, device=p.device, refiner=p.refiner
+            )
         self._merged.sync()
         assert self._sampling is not None
         return self._sampling

@@ -91,7 +91,9 @@ def trainable_policy(
         info = {"train": "lora", "rank": int(rank), "alpha": float(alpha), "target_modules": names}
     else:
         raise AgentError(f"train {train!r} is unknown; valid: ['lora', 'full']")
-    out = DosePolicy(model, sampler=policy.sampler, eta=policy.eta, device=policy.device)
+    out = DosePolicy(
+        model, sampler=policy.sampler, eta=policy.eta, device=policy.device, refiner=policy.refiner
+    )
     info["trainable_parameters"] = sum(p.numel() for p in trainable_parameters(model))
     return out, info
 
@@ -211,6 +213,8 @@ def load_trainable(folder: Path, base: DosePolicy) -> tuple[DosePolicy, dict[str
             policy.model.load_state_dict(state)
         except RuntimeError as exc:
             raise AgentError(f"{file}: weights do not fit the base model ({exc})") from exc
-        policy = DosePolicy(policy.model, sampler=base.sampler, eta=base.eta, device=base.device)
+        policy = DosePolicy(
+            policy.model, sampler=base.sampler, eta=base.eta, device=base.device, refiner=base.refiner
+        )
     info.pop("format_version", None)
     return policy.to(base.device), info

@@ -22,6 +22,7 @@ app = typer.Typer(
 )
 app.add_typer(data_cli.app, name="data")
 app.command("pretrain")(model_cli.pretrain)
+app.command("train-refiner")(model_cli.train_refiner)
 app.command("predict")(model_cli.predict)
 app.command("score")(score_cli.score)
 app.command("align")(align_cli.align)

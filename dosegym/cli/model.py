@@ -1,4 +1,5 @@
-"""``dosegym pretrain`` and ``dosegym predict``: train the Any2Any dose model, predict a dose."""
+"""``dosegym pretrain``, ``dosegym train-refiner`` and ``dosegym predict``: train the Any2Any dose
+model and its native-resolution refiner, predict a dose."""
 
 from __future__ import annotations
 
@@ -68,6 +69,58 @@ def pretrain(
     console.print(
         f"step {result.step}/{cfg.train.steps} on {result.num_cases} cases, loss {result.loss:.4f}, "
         f"{result.seconds:.1f} s; checkpoint {result.checkpoint}"
+    )
+
+
+@friendly_errors
+def train_refiner(
+    config: Path | None = typer.Option(
+        None, "--config", help="Refiner training YAML (configs/refiner/shipped.yaml: the shipped recipe)."
+    ),
+    checkpoint: Path | None = typer.Option(
+        None,
+        "--checkpoint",
+        help="Model checkpoint whose grid the refiner serves (default: the shipped one).",
+    ),
+    openkbp: Path | None = typer.Option(
+        None,
+        "--openkbp",
+        help="OpenKBP root (with train-pats/) or its train-pats folder; overrides data.openkbp_dir.",
+    ),
+    out: Path = typer.Option(
+        Path("runs/refiner"),
+        "--out",
+        help="Run folder: refiner/ (copy it into a checkpoint as refiner/), train_state.pt, config.yaml.",
+    ),
+    resume: bool = typer.Option(
+        False, "--resume", help="Continue the run in --out exactly where it stopped."
+    ),
+    until: int | None = typer.Option(
+        None, "--until", help="Stop after this step (resume later with --resume)."
+    ),
+    threads: int | None = typer.Option(
+        None, "--threads", min=1, help="torch CPU threads (default: torch's)."
+    ),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
+) -> None:
+    """Train the native-resolution refiner that decodes a checkpoint's coarse dose onto the case grid."""
+    import torch
+
+    from dosegym.diffusion.policy import shipped_checkpoint_dir
+    from dosegym.diffusion.refiner_train import RefinerTrainConfig
+    from dosegym.diffusion.refiner_train import train_refiner as run
+
+    cfg = RefinerTrainConfig.from_yaml(config) if config is not None else RefinerTrainConfig()
+    if openkbp is not None:
+        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"openkbp_dir": str(openkbp)})})
+    if threads is not None:
+        torch.set_num_threads(threads)
+    result = run(
+        cfg, checkpoint or shipped_checkpoint_dir(), out, resume=resume, until=until, progress=progress
+    )
+    console.print(
+        f"step {result.step}/{cfg.steps} on {result.num_cases} cases, loss {result.loss:.4f}, "
+        f"{result.seconds:.1f} s; refiner {result.refiner_dir} (copy it into the checkpoint as refiner/)"
     )
 
 

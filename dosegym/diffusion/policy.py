@@ -12,6 +12,11 @@ The contract (DESIGN.md "The policy contract")::
         x = x_prev
     dose_gy = policy.decode(x, cond, to_case=case)   # torch, Gy, on the case grid
 
+``decode`` onto a case grid goes through the case's :class:`~dosegym.diffusion.refiner.CaseDecoder`
+(``policy.case_decoder(case)``): trilinear upsampling, then the checkpoint's native-resolution
+refiner when it has one (``policy.refiner``; frozen, shared with ``reference()``: agents train
+the diffusion model only).
+
 Batched rollouts (per-sample generators, log-probs, x̂0) run on ``policy.chain(steps)``, a
 :class:`~dosegym.diffusion.chain.ReverseChain`. The step is DDIM with ``eta`` (default 1.0,
 every step stochastic, see :mod:`dosegym.diffusion.schedulers.ddim`) or DDPM.
@@ -24,6 +29,7 @@ weights at load time, frozen) for KL terms.
 from __future__ import annotations
 
 import importlib.resources
+from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -41,6 +47,7 @@ from dosegym.diffusion.chain import (
 )
 from dosegym.diffusion.checkpoint import CONFIG_FILE, load_model
 from dosegym.diffusion.model import Any2Any
+from dosegym.diffusion.refiner import CaseDecoder, Refiner, checkpoint_refiner
 from dosegym.diffusion.sample import sample
 from dosegym.diffusion.schedulers import (
     ReverseStepOutput,
@@ -62,8 +69,10 @@ def load_pretrained(
     device: torch.device | str = "cpu",
     sampler: str = "ddim",
     eta: float = 1.0,
+    refiner: bool = True,
 ) -> DosePolicy:
-    """The policy from a checkpoint folder (default: the shipped one); never uses the network."""
+    """The policy from a checkpoint folder (default: the shipped one); never uses the network.
+    ``refiner=False`` leaves the checkpoint's refiner out (decode by trilinear upsampling alone)."""
     if path is None:
         folder = shipped_checkpoint_dir()
         if not (folder / CONFIG_FILE).is_file():
@@ -75,11 +84,17 @@ def load_pretrained(
             )
     else:
         folder = Path(path)
-    return DosePolicy(load_model(folder, device), sampler=sampler, eta=eta, device=device)
+    model = load_model(folder, device)
+    ref = checkpoint_refiner(folder, model.config.spec, device) if refiner else None
+    return DosePolicy(model, sampler=sampler, eta=eta, device=device, refiner=ref)
 
 
 class DosePolicy:
-    """See module docstring. ``model`` is an :class:`Any2Any` diffusion model."""
+    """See module docstring. ``model`` is an :class:`Any2Any` diffusion model; ``refiner`` an
+    optional :class:`~dosegym.diffusion.refiner.Refiner` (frozen) used by ``decode``."""
+
+    #: Cases whose :class:`CaseDecoder` is kept (the refiner's inputs cost a pass over the case).
+    DECODERS_KEPT = 4
 
     def __init__(
         self,
@@ -87,6 +102,7 @@ class DosePolicy:
         sampler: str = "ddim",
         eta: float = 1.0,
         device: torch.device | str = "cpu",
+        refiner: Refiner | None = None,
     ) -> None:
         if sampler not in CHAIN_SAMPLERS:
             raise ModelError(
@@ -100,8 +116,10 @@ class DosePolicy:
         self.sampler = sampler
         self.eta = float(eta)
         self.scheduler = make_scheduler(sampler, model.config.diffusion)
+        self.refiner = None if refiner is None else refiner.requires_grad_(False).eval().to(self.device)
         self._initial_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         self._reference: DosePolicy | None = None
+        self._decoders: OrderedDict[int, tuple[Case, CaseDecoder]] = OrderedDict()
 
     @property
     def spec(self) -> ModelSpec:
@@ -111,6 +129,8 @@ class DosePolicy:
         """Move the model (and later inputs) to ``device``; returns ``self``."""
         self.device = torch.device(device)
         self.model.to(self.device)
+        if self.refiner is not None:
+            self.refiner.to(self.device)
         if self._reference is not None:
             self._reference.to(device)
         return self
@@ -187,6 +207,19 @@ class DosePolicy:
         return gaussian_log_prob(x_prev, mean, std)
 
     # -- outputs --------------------------------------------------------------------------
+    def case_decoder(self, case: Case) -> CaseDecoder:
+        """The :class:`CaseDecoder` of ``case`` (its resampler and this policy's refiner), kept
+        for the last :attr:`DECODERS_KEPT` cases."""
+        key = id(case)
+        if key in self._decoders and self._decoders[key][0] is case:
+            self._decoders.move_to_end(key)
+            return self._decoders[key][1]
+        decoder = CaseDecoder(case, make_resampler(case, self.spec), self.refiner)
+        self._decoders[key] = (case, decoder)
+        while len(self._decoders) > self.DECODERS_KEPT:
+            self._decoders.popitem(last=False)
+        return decoder
+
     def decode(
         self, x: torch.Tensor, cond: ModelInput, to_case: Case | Sequence[Case] | None = None
     ) -> torch.Tensor | list[torch.Tensor]:
@@ -207,12 +240,12 @@ class DosePolicy:
             rx = cond.rx_max_gy.to(x.device).reshape(-1, 1, 1, 1)
             return _check_finite(x[:, 0].clamp_min(0.0) * rx, cond, "the decoded dose")
         if isinstance(to_case, Case):
-            return _check_finite(make_resampler(to_case, self.spec).decode(x[:, 0]), cond, "the decoded dose")
+            return _check_finite(self.case_decoder(to_case).decode(x[:, 0]), cond, "the decoded dose")
         cases = list(to_case)
         if len(cases) != x.shape[0]:
             raise ModelError(f"decode: {len(cases)} cases for a batch of {x.shape[0]} samples")
         return [
-            _check_finite(make_resampler(c, self.spec).decode(x[i, 0]), cond, "the decoded dose")
+            _check_finite(self.case_decoder(c).decode(x[i, 0]), cond, "the decoded dose")
             for i, c in enumerate(cases)
         ]
 
@@ -222,7 +255,7 @@ class DosePolicy:
             ref_model = Any2Any(self.model.config)
             ref_model.load_state_dict(self._initial_state)
             ref_model.requires_grad_(False).eval()
-            self._reference = DosePolicy(ref_model, self.sampler, self.eta, self.device)
+            self._reference = DosePolicy(ref_model, self.sampler, self.eta, self.device, self.refiner)
         return self._reference
 
     @torch.no_grad()

@@ -360,7 +360,7 @@ class Resampler:
         return dose
 
 
-def _body_mask(case: Case) -> tuple[np.ndarray | None, bool]:
+def body_mask(case: Case) -> tuple[np.ndarray | None, bool]:
     """The case's body, else CT > -500 HU, else None; and whether it may fill the body slot."""
     if case.body is not None:
         return case.body, True
@@ -373,7 +373,7 @@ def _body_mask(case: Case) -> tuple[np.ndarray | None, bool]:
 
 def make_resampler(case: Case, spec: ModelSpec) -> Resampler:
     """The model grid of ``case`` under ``spec`` (see module docstring); no volume is sampled."""
-    body, _ = _body_mask(case)
+    body, _ = body_mask(case)
     cgrid = case.grid
     if body is not None:
         idx = np.argwhere(body)
@@ -401,7 +401,9 @@ def make_resampler(case: Case, spec: ModelSpec) -> Resampler:
     )
 
 
-def _targets_map(case: Case, rx_max: float) -> np.ndarray | None:
+def targets_map(case: Case, rx_max: float) -> np.ndarray | None:
+    """Each target voxel = its Rx / ``rx_max`` (the highest of overlapping targets), 0 elsewhere;
+    float32 on the case grid; None without prescriptions."""
     if not case.prescriptions:
         return None
     out = np.zeros(case.grid.shape, dtype=np.float32)
@@ -411,7 +413,8 @@ def _targets_map(case: Case, rx_max: float) -> np.ndarray | None:
     return out
 
 
-def _oars_map(case: Case) -> np.ndarray | None:
+def oars_map(case: Case) -> np.ndarray | None:
+    """``(len(OAR_GROUPS), Z, Y, X)`` float32 {0, 1}: each OAR in its canonical group; None without OARs."""
     names = case.oars
     if not names:
         return None
@@ -442,7 +445,7 @@ def to_model(
         raise ModelError(f"absent slot(s) {bad} are not among the model's slots {list(spec.slots)}")
     res = make_resampler(case, spec)
     rx_max = case.max_prescription_gy
-    body, body_ok = _body_mask(case)
+    body, body_ok = body_mask(case)
     tensors: dict[str, torch.Tensor] = {}
     needs_rx = {"dose", "targets"} & set(spec.slots)
     wanted = [s for s in spec.slots if s not in absent or s == gen]
@@ -455,10 +458,10 @@ def to_model(
         elif slot == "body" and body is not None and body_ok:
             value = res.to_model(body.astype(np.float32), "nearest")[None]
         elif slot == "targets":
-            tmap = _targets_map(case, float(rx_max))  # type: ignore[arg-type]
+            tmap = targets_map(case, float(rx_max))  # type: ignore[arg-type]
             value = None if tmap is None else res.to_model(tmap, "nearest")[None]
         elif slot == "oars":
-            omap = _oars_map(case)
+            omap = oars_map(case)
             value = None if omap is None else res.to_model(omap, "nearest")
         elif slot == "dose" and case.dose is not None:
             value = res.to_model(case.dose / np.float32(rx_max), "linear")[None]

@@ -28,7 +28,7 @@ import torch
 from dosegym.data.atomic import atomic_path, json_text
 from dosegym.data.case import Case
 from dosegym.data.sites import PhantomId
-from dosegym.diffusion.config import PretrainConfig
+from dosegym.diffusion.config import DataConfig, PretrainConfig
 from dosegym.diffusion.slots import ModelInput, ModelSpec, Role, to_model
 from dosegym.errors import DosegymError, ModelError
 
@@ -84,11 +84,12 @@ def openkbp_train_folders(path: str | Path) -> list[Path]:
     return sorted(folders, key=number)
 
 
-def training_sources(cfg: PretrainConfig) -> list[SourceCase]:
-    """Every training case the data config names, phantoms first, capped at ``max_cases``."""
+def training_sources(cfg: PretrainConfig | DataConfig) -> list[SourceCase]:
+    """Every training case the data config (``cfg`` or its ``data``) names, phantoms first,
+    capped at ``max_cases``."""
     from dosegym.data import read_case
 
-    data = cfg.data
+    data = cfg if isinstance(cfg, DataConfig) else cfg.data
     out: list[SourceCase] = []
     if data.phantoms:
         from dosegym.data import phantoms

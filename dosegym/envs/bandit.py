@@ -72,7 +72,7 @@ class BanditCore(DoseCore):
         if dose.ndim != 5 or tuple(dose.shape[1:]) != self.gen_shape:
             raise EnvError(f"soft_score: dose shape {tuple(dose.shape)}; expected (B, *{self.gen_shape})")
         cd = self.cds[i]
-        dose_gy = cd.resampler.decode(dose.to(self.device)[:, 0])
+        dose_gy = cd.decoder.decode(dose.to(self.device)[:, 0])
         if cd.soft_card is None:
             cd.soft_card = SoftScorecard(cd.bound)
         return cd.soft_card.score(dose_gy, temperature=self.config.temperature_gy).normalised

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from dosegym.data.case import Case
+from dosegym.diffusion.refiner import CaseDecoder, Refiner
 from dosegym.diffusion.slots import ModelInput, ModelSpec, Resampler, to_model
 from dosegym.envs.cards import CardChooser
 from dosegym.envs.guidance import SoftScorer
@@ -65,9 +66,10 @@ class PretrainedStats(NamedTuple):
 
 @dataclass
 class CaseData:
-    """One case as an env uses it: the case, its model-grid input and resampler, its card
-    (bound) and fit, and what the env computes once per case (on its device, for its
-    observation backend): ``body`` (bool) and ``reference_gy`` on the case grid,
+    """One case as an env uses it: the case, its model-grid input, resampler and decoder (the
+    policy's decode onto the case grid, with its refiner), its card (bound) and fit, and what
+    the env computes once per case (on its device, for its observation backend): ``body``
+    (bool) and ``reference_gy`` on the case grid,
     ``cond_obs`` (the observation's condition part), ``soft`` (GuidedDose's soft scorer on the
     model grid), ``dense`` (the dense reward's, at ``dense_temperature_gy``), ``soft_card``
     (the Bandit's soft scorecard on the case grid) and ``pretrained`` (the baseline and the
@@ -78,6 +80,7 @@ class CaseData:
     case: Case
     model_input: ModelInput
     resampler: Resampler
+    decoder: CaseDecoder
     card: Scorecard
     bound: BoundScorecard
     fit: CardFit
@@ -105,7 +108,7 @@ def cond_input_of(mi: ModelInput) -> ModelInput:
 
 class CaseStore:
     """One env's prepared cases: the LRU of :class:`CaseData` (``size`` cases) over
-    ``source``, scored with ``cards`` on ``device``."""
+    ``source``, scored with ``cards`` on ``device``, decoded with ``refiner`` (the policy's)."""
 
     def __init__(
         self,
@@ -115,8 +118,10 @@ class CaseStore:
         device: torch.device,
         size: int,
         allow_card_mismatch: bool,
+        refiner: Refiner | None = None,
     ) -> None:
         self.source, self.cards, self.spec, self.device = source, cards, spec, device
+        self.refiner = refiner
         self.size = int(size)
         self.allow_card_mismatch = bool(allow_card_mismatch)
         self._cases: OrderedDict[int, CaseData] = OrderedDict()
@@ -147,7 +152,10 @@ class CaseStore:
                 "scores with it anyway)"
             )
         body, reference = (_device_tensor(a, self.device) for a in (case.body, case.dose))
-        cd = CaseData(index, key, case, mi, res, card, bound, fit, cond_input_of(mi), body, reference)
+        decoder = CaseDecoder(case, res, self.refiner)
+        cd = CaseData(
+            index, key, case, mi, res, decoder, card, bound, fit, cond_input_of(mi), body, reference
+        )
         self._cases[index] = cd
         while len(self._cases) > self.size:
             self._cases.popitem(last=False)

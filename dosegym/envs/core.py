@@ -104,6 +104,7 @@ class DoseCore:
             self.device,
             config.case_cache,
             config.allow_card_mismatch,
+            self.policy.refiner,
         )
         self.gen_shape = (SLOT_CHANNELS[self.model_spec.generate], *self.model_spec.shape)
         self.cond_slots = [s for s in self.model_spec.slots if s != self.model_spec.generate]
@@ -293,7 +294,7 @@ class DoseCore:
         """Gy on the case grid ``(Z, Y, X)`` of one model-grid sample ``x`` ``(C, Z, Y, X)``,
         decoded exactly as ``DosePolicy.predict`` decodes (batch of one); ``ModelError`` if
         any voxel is NaN or infinite."""
-        dose = cd.resampler.decode(x[None, 0])[0]
+        dose = cd.decoder.decode(x[None, 0])[0]
         if not bool(torch.isfinite(dose).all()):
             n = int((~torch.isfinite(dose)).sum())
             raise ModelError(
