@@ -12,8 +12,11 @@ time per case. A diffusion model is reported twice: its first sample ("1 sample"
 voxel-wise mean of ``--samples`` samples ("mean of K"). Beside each model, its **floor**: the
 case's reference dose mapped onto that model's grid (``to_model``, the dose slot) and decoded
 back with the model's own ``DosePolicy.decode``, scored the same way; no prediction through
-that decode path can score better than it does. Never pass OpenKBP test patients to
-tune anything; validation-pats is what this script is for.
+that decode path can score better than it does. A checkpoint with a native-resolution
+refiner (``CHECKPOINT/refiner/``) decodes through it; ``--without-refiner`` adds, from the same
+samples, the rows of the plain trilinear decode ("coarse decode"), so what the refiner buys is
+measured in one run. ``s/sample`` includes the decode (the refiner's share is printed beside).
+Never pass OpenKBP test patients to tune anything; validation-pats is what this script is for.
 """
 
 from __future__ import annotations
@@ -52,12 +55,33 @@ def _mae_in_body(case, pred) -> float:
     return float(np.abs(pred[body] - case.dose[body]).mean())
 
 
-def _floor(policy, case) -> np.ndarray:
-    """The reference dose through ``policy``'s grid and back with its own decode (Gy, case grid)."""
+def _reference_x(policy, case) -> torch.Tensor:
+    """The reference dose on ``policy``'s model grid, ``(1, 1, Z, Y, X)`` (normalised)."""
     from dosegym.diffusion import to_model
 
-    cond = policy.conditions(to_model(case, policy.spec)[0])
-    return policy.decode(cond.tensors["dose"], cond, to_case=case)[0].float().cpu().numpy()
+    return policy.conditions(to_model(case, policy.spec)[0]).tensors["dose"]
+
+
+@torch.no_grad()
+def _decoded(policy, case, x0: torch.Tensor, coarse: bool) -> np.ndarray:
+    """Model-grid samples ``(K, 1, Z, Y, X)`` decoded onto the case grid (Gy, ``(K, Z, Y, X)``):
+    through the policy's decode, or (``coarse``) the plain trilinear one."""
+    from dosegym.diffusion import make_resampler
+
+    if coarse:
+        return make_resampler(case, policy.spec).decode(x0[:, 0]).float().cpu().numpy()
+    return policy.case_decoder(case).decode(x0[:, 0]).float().cpu().numpy()
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _parameters(policy, coarse: bool) -> int:
+    """Parameters of the model, plus its refiner's unless ``coarse``."""
+    modules = [policy.model] + ([] if coarse or policy.refiner is None else [policy.refiner])
+    return int(sum(p.numel() for m in modules for p in m.parameters()))
 
 
 def main() -> None:
@@ -70,9 +94,14 @@ def main() -> None:
     ap.add_argument("--max-cases", type=int, default=0, help="at most this many cases per source (0: all)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", type=Path, help="write the results as JSON here")
+    ap.add_argument(
+        "--without-refiner", action="store_true", help="also the plain trilinear decode of the same samples"
+    )
     args = ap.parse_args()
 
-    from dosegym.diffusion import load_pretrained
+    from dosegym.diffusion import load_pretrained, seeded_generator
+    from dosegym.diffusion.chain import frozen
+    from dosegym.diffusion.sample import sample
     from dosegym.scorecards.challenge import openkbp_scores
 
     policies = {}
@@ -81,31 +110,44 @@ def main() -> None:
         policies[label] = load_pretrained(path, device=args.device)
     preds: dict[tuple[str, str], list] = {}
     times: dict[tuple[str, str], list[float]] = {}
+    decode_times: dict[tuple[str, str], list[float]] = {}
     maes: dict[tuple[str, str], list[float]] = {}
     for source, case in _cases(args):
         for label, policy in policies.items():
             regression = policy.model.config.objective == "regression"
             k = 1 if regression else args.samples
-            if args.device.startswith("cuda"):
-                torch.cuda.synchronize()
+            cond = policy.conditions(case).expand(k)
+            _sync(args.device)
             t0 = time.perf_counter()
-            out = policy.predict(case, steps=args.steps, seed=0, samples=k)
-            if args.device.startswith("cuda"):
-                torch.cuda.synchronize()
-            dt = (time.perf_counter() - t0) / k
-            if not regression and out.ndim == 3:  # predict gives (Z, Y, X) for samples=1
-                out = out[None]
-            variants = (
-                {label: (out, dt)}
-                if regression
-                else {f"{label} (1 sample)": (out[0], dt), f"{label} (mean of {k})": (out.mean(axis=0), dt)}
-            )
-            variants[f"{label} floor (reference round trip)"] = (_floor(policy, case), 0.0)
-            for name, (pred, seconds) in variants.items():
-                key = (source, name)
-                preds.setdefault(key, []).append((case, pred))
-                times.setdefault(key, []).append(seconds)
-                maes.setdefault(key, []).append(_mae_in_body(case, pred))
+            with frozen(policy.model):
+                x0 = sample(policy.model, cond, policy.sampler, args.steps, seeded_generator(0), 0.0)
+            _sync(args.device)
+            t_sample = (time.perf_counter() - t0) / k
+            decodes = [(label, False)]
+            if args.without_refiner and policy.refiner is not None:
+                decodes.append((f"{label} (coarse decode)", True))
+            for name, coarse in decodes:
+                t0 = time.perf_counter()
+                out = _decoded(policy, case, x0, coarse)
+                _sync(args.device)
+                t_decode = (time.perf_counter() - t0) / k
+                floor = _decoded(policy, case, _reference_x(policy, case), coarse)[0]
+                variants = (
+                    {name: out[0]}
+                    if regression
+                    else {f"{name} (1 sample)": out[0], f"{name} (mean of {k})": out.mean(axis=0)}
+                )
+                for vname, pred in variants.items():
+                    key = (source, vname)
+                    times.setdefault(key, []).append(t_sample + t_decode)
+                    decode_times.setdefault(key, []).append(t_decode)
+                    preds.setdefault(key, []).append((case, pred))
+                    maes.setdefault(key, []).append(_mae_in_body(case, pred))
+                key = (source, f"{name} floor (reference round trip)")
+                times.setdefault(key, []).append(0.0)
+                decode_times.setdefault(key, []).append(0.0)
+                preds.setdefault(key, []).append((case, floor))
+                maes.setdefault(key, []).append(_mae_in_body(case, floor))
         print(f"{source} {case.case_id} done", flush=True)
 
     results = []
@@ -117,7 +159,8 @@ def main() -> None:
             "cases": len(pairs),
             "mae_body_gy": float(np.mean(maes[(source, name)])),
             "sec_per_sample": float(np.median(times[(source, name)])),
-            "parameters": int(sum(p.numel() for p in policies[label].model.parameters())),
+            "decode_sec_per_sample": float(np.median(decode_times[(source, name)])),
+            "parameters": _parameters(policies[label], coarse="(coarse decode)" in name),
             "device": args.device,
         }
         if source == "openkbp":
@@ -125,15 +168,15 @@ def main() -> None:
             row["dose_score_gy"], row["dvh_score_gy"] = s.dose_score, s.dvh_score
         results.append(row)
     header = (
-        f"{'source':9} {'model':40} {'n':>3} {'dose score':>10} {'DVH score':>9} {'MAE body':>8} "
-        f"{'s/sample':>8} {'params':>9}"
+        f"{'source':9} {'model':56} {'n':>3} {'dose score':>10} {'DVH score':>9} {'MAE body':>8} "
+        f"{'s/sample':>8} {'decode s':>8} {'params':>9}"
     )
     print(header)
     for r in results:
         print(
-            f"{r['source']:9} {r['model']:40} {r['cases']:3d} {r.get('dose_score_gy', float('nan')):10.3f} "
+            f"{r['source']:9} {r['model']:56} {r['cases']:3d} {r.get('dose_score_gy', float('nan')):10.3f} "
             f"{r.get('dvh_score_gy', float('nan')):9.3f} {r['mae_body_gy']:8.3f} {r['sec_per_sample']:8.3f} "
-            f"{r['parameters']:9d}"
+            f"{r['decode_sec_per_sample']:8.3f} {r['parameters']:9d}"
         )
     if args.out:
         args.out.write_text(json.dumps(results, indent=2) + "\n")
