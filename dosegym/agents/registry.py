@@ -26,6 +26,7 @@ from dosegym.errors import AgentError
 AGENTS: dict[str, str] = {
     "best_of_n": "dosegym.agents.best_of_n:BestOfN",
     "ddpo": "dosegym.agents.ddpo:DDPO",
+    "draft": "dosegym.agents.draft:DRaFT",
     "ppo": "dosegym.agents.ppo:PPO",
     "ppo_guided": "dosegym.agents.sb3_guided:PPOGuided",
     "sac_guided": "dosegym.agents.sb3_guided:SACGuided",

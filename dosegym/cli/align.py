@@ -16,7 +16,8 @@ The run folder ``--out DIR`` (new, empty, or an earlier ``dosegym align`` run wi
 
 The agent's rollout env is the native vector env of the kind its class asks for
 (``Agent.env_kind``: ``"denoise"`` -> DenoiseDose with ``obs_backend="torch"`` and no
-pretrained log-prob, ``"guided"`` -> GuidedDose), ``--num-envs`` episodes in lockstep (default
+pretrained log-prob, ``"guided"`` -> GuidedDose, ``"bandit"`` -> ScorecardBandit, whose action is
+a whole dose: DRaFT), ``--num-envs`` episodes in lockstep (default
 a learner's ``samples_per_iteration`` over the processes), on the train cases with the config's
 reward and sampler steps. Under ``accelerate launch`` every process trains (the budget and
 ``samples_per_iteration`` count the samples of all of them); only the main one (``RANK`` 0)
@@ -51,6 +52,7 @@ TRAINS_FIELDS = ("train", "lora_rank", "lora_alpha", "lora_targets", "samples_pe
 ENV_KINDS = {
     "denoise": "dosegym.envs.denoise:DenoiseDoseVectorEnv",
     "guided": "dosegym.envs.guided:GuidedDoseVectorEnv",
+    "bandit": "dosegym.envs.bandit:ScorecardBanditVectorEnv",
 }
 #: Eval cases whose doses (first eval seed, before and after) a run keeps for its report.
 KEEP_DOSES = 4

@@ -12,6 +12,7 @@ from gymnasium import spaces
 from dosegym.envs.adapters import DoseEnv, DoseVectorEnv
 from dosegym.envs.config import TEMPERATURE_CHECK, EnvConfig
 from dosegym.envs.core import DoseCore, Transition
+from dosegym.envs.reward import masked_mae
 from dosegym.errors import EnvError
 from dosegym.scorecards.soft_card import SoftScorecard
 
@@ -77,6 +78,32 @@ class BanditCore(DoseCore):
             cd.soft_card = SoftScorecard(cd.bound)
         return cd.soft_card.score(dose_gy, temperature=self.config.temperature_gy).normalised
 
+    def differentiable_reward(self, i: int, dose: torch.Tensor) -> torch.Tensor:
+        """The reward's differentiable twin for episode ``i``'s case, ``(K,)`` of model-grid
+        doses ``(K, C, Z, Y, X)``: ``w_score * dense - w_fid * F`` with the reward's dense score
+        (``reward.score="dense"``, model grid) and fidelity ``F`` (MAE to the anchor over the
+        body, decoded onto the case grid as the reward decodes, in units of Rx)."""
+        cfg = self.reward_config
+        if not self.cds:
+            raise EnvError("differentiable_reward() before reset(): call reset() first")
+        if cfg.score != "dense":
+            raise EnvError(
+                "differentiable_reward needs reward.score='dense' (the exact card's points are flat "
+                "past each curve's end, so their gradient is 0 where targets underdose)"
+            )
+        if dose.ndim != 5 or tuple(dose.shape[1:]) != self.gen_shape:
+            raise EnvError(
+                f"differentiable_reward: dose shape {tuple(dose.shape)}; expected (K, *{self.gen_shape})"
+            )
+        cd = self.cds[i]
+        dose = dose.to(self.device)
+        reward = cfg.w_score * self.dense_scores(cd, dose)
+        if cfg.w_fid > 0:
+            _, anchor = self.fidelity_anchor(cd, None)
+            dose_gy = cd.decoder.decode(dose[:, 0])
+            reward = reward - cfg.w_fid * masked_mae(dose_gy, anchor, cd.body) / cd.rx_gy
+        return reward
+
 
 class ScorecardBanditEnv(DoseEnv):
     """
@@ -141,6 +168,11 @@ class ScorecardBanditEnv(DoseEnv):
         differentiable with respect to ``dose``."""
         return self.core.soft_score(0, dose)
 
+    def differentiable_reward(self, dose: torch.Tensor) -> torch.Tensor:
+        """The reward's differentiable twin ``(B,)`` of model-grid doses ``(B, C, Z, Y, X)`` for
+        the current case (``reward.score="dense"``; see :meth:`BanditCore.differentiable_reward`)."""
+        return self.core.differentiable_reward(0, dose)
+
 
 class ScorecardBanditVectorEnv(DoseVectorEnv):
     """``num_envs`` Bandit episodes at once (see :class:`~dosegym.envs.adapters.DoseVectorEnv`):
@@ -155,3 +187,13 @@ class ScorecardBanditVectorEnv(DoseVectorEnv):
                 f"soft_score: dose shape {tuple(dose.shape)}; expected ({self.num_envs}, C, Z, Y, X)"
             )
         return torch.cat([self.core.soft_score(i, dose[i : i + 1]) for i in range(self.num_envs)])
+
+    def differentiable_reward(self, dose: torch.Tensor) -> torch.Tensor:
+        """The reward's differentiable twin ``(B,)`` of doses ``(B, C, Z, Y, X)``, row ``i`` for
+        sub-env ``i``'s case (``reward.score="dense"``)."""
+        if dose.ndim != 5 or dose.shape[0] != self.num_envs:
+            raise EnvError(
+                f"differentiable_reward: dose shape {tuple(dose.shape)}; "
+                f"expected ({self.num_envs}, C, Z, Y, X)"
+            )
+        return torch.cat([self.core.differentiable_reward(i, dose[i : i + 1]) for i in range(self.num_envs)])

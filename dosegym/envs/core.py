@@ -334,20 +334,7 @@ class DoseCore:
             if dense is not None:
                 s = dense
             body, reference = cd.body, cd.reference_gy
-            anchor_name = cfg.fidelity
-            if anchor_name == "auto":
-                anchor_name = "reference" if reference is not None else "pretrained"
-            if anchor_name == "reference":
-                if reference is None:
-                    raise EnvError(
-                        f"reward.fidelity='reference' but case {cd.key!r} has no reference dose; "
-                        "use fidelity='auto' or 'pretrained'"
-                    )
-                anchor = reference
-            elif pretrained_x0 is not None:
-                anchor = self.decode(cd, pretrained_x0)
-            else:
-                anchor = self.pretrained_stats(cd).mean_dose_gy
+            anchor_name, anchor = self.fidelity_anchor(cd, pretrained_x0)
             fid_gy = masked_mae_gy(dose, anchor, body)
             fid = fid_gy / cd.rx_gy
         reward, terms = compose(cfg, s, fid, kl)
@@ -370,14 +357,36 @@ class DoseCore:
             )
         return reward, info
 
-    def dense_score(self, cd: CaseData, x_final: torch.Tensor) -> float:
-        """The dense normalised score of a final model-grid state ``(C, Z, Y, X)`` (see
-        :mod:`dosegym.envs.reward`; the case's scorer made once)."""
+    def fidelity_anchor(self, cd: CaseData, pretrained_x0: torch.Tensor | None) -> tuple[str, torch.Tensor]:
+        """The fidelity term's anchor of a case (``reward.fidelity``; see :mod:`dosegym.envs.reward`):
+        its name and dose (Gy, case grid). ``pretrained_x0`` (model grid): the chain's
+        pretrained x̂0; None: the Bandit's pretrained mean dose."""
+        anchor_name = self.reward_config.fidelity
+        if anchor_name == "auto":
+            anchor_name = "reference" if cd.reference_gy is not None else "pretrained"
+        if anchor_name == "reference":
+            if cd.reference_gy is None:
+                raise EnvError(
+                    f"reward.fidelity='reference' but case {cd.key!r} has no reference dose; "
+                    "use fidelity='auto' or 'pretrained'"
+                )
+            return anchor_name, cd.reference_gy
+        if pretrained_x0 is not None:
+            return anchor_name, self.decode(cd, pretrained_x0)
+        return anchor_name, self.pretrained_stats(cd).mean_dose_gy
+
+    def dense_scores(self, cd: CaseData, x: torch.Tensor) -> torch.Tensor:
+        """The dense normalised scores ``(K,)`` of model-grid states ``(K, C, Z, Y, X)`` (see
+        :mod:`dosegym.envs.reward`; the case's scorer made once); differentiable in ``x``."""
         cfg = self.reward_config
         if cd.dense is None:
             cd.dense = SoftScorer(cd.card, cd.case, cd.resampler, cfg.dense_temperature_gy)
-        dose = cd.dense.dose_gy(x_final[None].to(torch.float32))
-        return float(dense_normalised(cd.dense.soft, dose, cfg.dense_temperature_gy, cfg.dense_leak)[0])
+        dose = cd.dense.dose_gy(x.to(torch.float32))
+        return dense_normalised(cd.dense.soft, dose, cfg.dense_temperature_gy, cfg.dense_leak)
+
+    def dense_score(self, cd: CaseData, x_final: torch.Tensor) -> float:
+        """The dense normalised score of one final model-grid state ``(C, Z, Y, X)``."""
+        return float(self.dense_scores(cd, x_final[None])[0])
 
     # -- rendering ----------------------------------------------------------------------
     def render(self, i: int = 0) -> np.ndarray | str | None:

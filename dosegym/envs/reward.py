@@ -151,12 +151,18 @@ def score_term(total: float, maximum: float, scale: str, baseline_points: float 
     return float(total) - float(baseline_points)
 
 
-def masked_mae_gy(dose_gy: torch.Tensor, anchor_gy: torch.Tensor, body: torch.Tensor | None) -> float:
-    """Mean absolute difference (Gy) of two case-grid doses over ``body`` (all voxels if None)."""
+def masked_mae(dose_gy: torch.Tensor, anchor_gy: torch.Tensor, body: torch.Tensor | None) -> torch.Tensor:
+    """Mean absolute difference (Gy) of case-grid doses ``(..., Z, Y, X)`` and an anchor over
+    ``body`` (all voxels if None or empty), per leading index; differentiable."""
     diff = (dose_gy - anchor_gy).abs()
-    if body is not None:
-        return float(diff[body].mean()) if bool(body.any()) else float(diff.mean())
-    return float(diff.mean())
+    if body is None or not bool(body.any()):
+        return diff.flatten(-3).mean(-1)
+    return diff[..., body].mean(-1)
+
+
+def masked_mae_gy(dose_gy: torch.Tensor, anchor_gy: torch.Tensor, body: torch.Tensor | None) -> float:
+    """:func:`masked_mae` of one dose ``(Z, Y, X)``, as a float."""
+    return float(masked_mae(dose_gy, anchor_gy, body))
 
 
 def compose(
