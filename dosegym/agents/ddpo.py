@@ -326,7 +326,7 @@ class DDPO(Agent):
                                                                ro.reference_mae_gy, ro.kl], 1)))  # fmt: skip
         all_rewards = everyone[:, 0].double().numpy()
         keys = self.optim.gather_objects(ro.case_keys)
-        adv = self.tracker.update(keys, all_rewards) if self.tracker else batch_advantages(all_rewards)
+        adv = self.advantages(keys, all_rewards)
         mine = slice(self.optim.rank * len(ro), (self.optim.rank + 1) * len(ro))
         adv = clip_advantages(adv[mine], c.train_adv_clip_max)
 
@@ -343,6 +343,21 @@ class DDPO(Agent):
             "tied_fraction": tied_fraction(keys, all_rewards),
             **stats,
         }
+
+    def advantages(self, keys: list[str], rewards: np.ndarray) -> np.ndarray:
+        """The advantages of every process's samples (before clipping): per case through the
+        stat tracker, else over the batch."""
+        return self.tracker.update(keys, rewards) if self.tracker else batch_advantages(rewards)
+
+    def drawn_steps(self, n: int, steps: int, gen: torch.Generator) -> torch.Tensor:
+        """``(n, k)`` chain-step indices each sample trains on this epoch: a random subset of
+        :meth:`num_train_timesteps` of its ``steps``."""
+        k = self.num_train_timesteps()
+        return torch.stack([torch.randperm(steps, generator=gen)[:k] for _ in range(n)])
+
+    def old_log_prob(self, log_prob: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+        """The log-prob the ratio is taken against (DDPO: the rollout's)."""
+        return old
 
     def _check_rewards(self, ro: Rollouts, rewards: np.ndarray, seeds: list[int]) -> None:
         bad = np.flatnonzero(~np.isfinite(rewards))
@@ -369,7 +384,7 @@ class DDPO(Agent):
         sums: dict[str, list[float]] = {"loss": [], "clipfrac": [], "approx_kl": [], "kl_penalty": []}
         for epoch in range(c.train_num_inner_epochs):
             perm = torch.randperm(n, generator=gen)
-            drawn = torch.stack([torch.randperm(steps, generator=gen)[:k] for _ in range(n)])
+            drawn = self.drawn_steps(n, steps, gen)
             for start in range(0, n, c.train_batch_size):
                 idx = perm[start : start + c.train_batch_size]
                 cond = ro.conditions(idx, device)
@@ -380,7 +395,7 @@ class DDPO(Agent):
                     t = ro.timesteps[step].to(device)
                     mean, std = step_gaussian(model, scheduler, x, t, cond, c.sample_eta)
                     log_prob = gaussian_log_prob(x_prev, mean, std)
-                    old = ro.log_probs[idx, step].to(device)
+                    old = self.old_log_prob(log_prob, ro.log_probs[idx, step].to(device))
                     loss, st = ddpo_loss(log_prob, old, adv[idx].to(device), c.mode, c.train_clip_range)
                     if reference is not None:
                         with torch.no_grad():

@@ -27,6 +27,7 @@ AGENTS: dict[str, str] = {
     "best_of_n": "dosegym.agents.best_of_n:BestOfN",
     "ddpo": "dosegym.agents.ddpo:DDPO",
     "draft": "dosegym.agents.draft:DRaFT",
+    "grpo": "dosegym.agents.grpo:GRPO",
     "ppo": "dosegym.agents.ppo:PPO",
     "ppo_guided": "dosegym.agents.sb3_guided:PPOGuided",
     "sac_guided": "dosegym.agents.sb3_guided:SACGuided",

@@ -6,6 +6,8 @@ batch's advantage of a sample is ``(reward - mean) / (std + 1e-6)`` with the mea
 ``min_count`` rewards, else of the whole batch (trl 0.23.1's rule, from ddpo-pytorch).
 :func:`batch_advantages` is the normalisation without tracking (DDPO with
 ``per_prompt_stat_tracking=False``): the batch's mean and std, ``+ 1e-8``.
+:func:`group_advantages` is GRPO's: each case's samples of this batch against their own
+mean and std, no history; a group whose rewards all tie (or of one sample) gets 0.
 """
 
 from __future__ import annotations
@@ -28,6 +30,23 @@ def batch_advantages(rewards: np.ndarray) -> np.ndarray:
     """``(r - mean(r)) / (std(r) + 1e-8)`` over the batch, float64."""
     r = np.asarray(rewards, dtype=np.float64)
     return (r - r.mean()) / (r.std() + BATCH_EPS)
+
+
+def group_advantages(keys: Sequence[str], rewards: np.ndarray, eps: float = TRACKER_EPS) -> np.ndarray:
+    """GRPO's group-relative advantages ``(r - mean_g) / (std_g + eps)`` over the samples of
+    each case key ``g`` in this batch (population std), float64; 0 for a group of one sample
+    or whose rewards all tie (it teaches nothing)."""
+    r = np.asarray(rewards, dtype=np.float64)
+    keys_arr = np.asarray(list(keys), dtype=object)
+    if keys_arr.shape != r.shape:
+        raise AgentError(f"group advantages: {len(keys_arr)} case keys for {r.size} rewards")
+    adv = np.zeros_like(r)
+    for key in dict.fromkeys(keys_arr.tolist()):
+        sel = keys_arr == key
+        g = r[sel]
+        if g.size > 1 and float(np.ptp(g)) > 0:
+            adv[sel] = (g - g.mean()) / (g.std() + eps)
+    return adv
 
 
 class PerCaseStatTracker:
