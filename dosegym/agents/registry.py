@@ -28,6 +28,7 @@ AGENTS: dict[str, str] = {
     "ddpo": "dosegym.agents.ddpo:DDPO",
     "draft": "dosegym.agents.draft:DRaFT",
     "grpo": "dosegym.agents.grpo:GRPO",
+    "nft": "dosegym.agents.nft:NFT",
     "ppo": "dosegym.agents.ppo:PPO",
     "ppo_guided": "dosegym.agents.sb3_guided:PPOGuided",
     "sac_guided": "dosegym.agents.sb3_guided:SACGuided",

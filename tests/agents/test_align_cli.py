@@ -208,6 +208,7 @@ def test_bad_config_field_and_out_are_refused_before_any_work(tiny_checkpoint, t
         ("sac_guided", {"learning_starts": 0}),
         ("draft", {"sample_num_steps": 3, "draft_k": 2}),
         ("grpo", {"train_batch_size": 2, "samples_per_case": 2, "train_last_k": 1}),
+        ("nft", {"samples_per_case": 2, "timesteps_per_sample": 1}),
     ],
 )
 def test_every_registered_learner_runs_through_align(tiny_checkpoint, tmp_path, agent, fields):
