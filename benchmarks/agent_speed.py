@@ -18,6 +18,12 @@ steps (DDIM, eta 1), with ``reward.w_kl = 0`` (the env never runs the frozen mod
   steps also compute the soft-scorecard guidance, so their ratio is below DenoiseDose's by
   that cost;
 * **training**: a whole ``learn`` iteration of B samples (rollout + update) over its wall time.
+  GRPO times its rollout as DDPO does; DRaFT's rollout carries its gradient (no separate
+  update) and DiffusionNFT's rollout is the phase before its ``update``, both on the
+  ScorecardBandit vector env (a whole dose an episode);
+* **peak memory**: each agent runs in its own process (this script with ``--child``), whose
+  peak resident memory (``ru_maxrss``, the model, its env and B episodes at the default grid)
+  is printed beside its times (on CUDA also ``torch.cuda.max_memory_allocated``).
 
 Each repeat times the raw sampler and the agent alternately (so load changes hit both); the
 table shows medians, samples/s and the ratios agent / raw (target: rollout >= 0.9x). The
@@ -27,7 +33,7 @@ Model: the shipped checkpoint when there is one, else random weights from ``--co
 (``--random`` forces random weights); timing does not depend on the weights.
 
     PYTHONPATH=. python benchmarks/agent_speed.py [--batch 8] [--steps 10] [--repeats 3]
-        [--threads 1] [--device cpu] [--agents ddpo,ppo,ppo_guided,sac_guided]
+        [--threads 1] [--device cpu] [--agents ddpo,ppo,ppo_guided,sac_guided,grpo,draft,nft]
         [--config configs/pretrain_cpu.yaml] [--random]
 """
 
@@ -35,7 +41,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import resource
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -48,16 +58,22 @@ from dosegym.agents import registry
 from dosegym.agents.rollout import collect
 from dosegym.diffusion import DosePolicy, seeded_generator
 from dosegym.diffusion.chain import ReverseChain
+from dosegym.envs.bandit import ScorecardBanditVectorEnv
 from dosegym.envs.denoise import DenoiseDoseVectorEnv
 from dosegym.envs.guided import GuidedDoseVectorEnv
 
-AGENTS = ("ddpo", "ppo", "ppo_guided", "sac_guided")
+AGENTS = ("ddpo", "ppo", "ppo_guided", "sac_guided", "grpo", "draft", "nft")
+#: Agents whose update is their own ``update`` method (the rest: SB3's ``model.train``; DRaFT none).
+OWN_UPDATE = ("ddpo", "grpo", "nft")
 #: Per-agent config fields that make one iteration B samples with a small update.
 FIELDS: dict[str, dict[str, Any]] = {
     "ddpo": {"train_batch_size": 2},
     "ppo": {"batch_size": 2},
     "ppo_guided": {"batch_size": 2},
     "sac_guided": {"learning_starts": 0},
+    "grpo": {"train_batch_size": 2, "samples_per_case": 2, "train_last_k": 1},
+    "draft": {"reward": {"score": "dense", "w_fid": 1.0, "fidelity": "reference"}},
+    "nft": {"samples_per_case": 2, "reward": {"score": "dense", "w_fid": 1.0, "fidelity": "reference"}},
 }
 
 
@@ -68,6 +84,8 @@ def make_agent(name: str, policy: DosePolicy, case, b: int, steps: int) -> Any:
     kw = dict(policy=policy, cases=[case], steps=steps, reward=config.reward_config())
     if cls.env_kind == "denoise":
         env = DenoiseDoseVectorEnv(num_envs=b, obs_backend="torch", pretrained_log_prob=False, **kw)
+    elif cls.env_kind == "bandit":
+        env = ScorecardBanditVectorEnv(num_envs=b, **kw)
     else:
         env = GuidedDoseVectorEnv(num_envs=b, **kw)
     return cls(env, policy, config)
@@ -80,10 +98,13 @@ def raw_sampler(policy: DosePolicy, cond, steps: int, seed: int) -> None:
 
 
 def timed_update(agent: Any) -> list[float]:
-    """Wrap the agent's update (DDPO ``update``, SB3 ``model.train``); the list its seconds go to."""
+    """Wrap the agent's update (``update`` of DDPO, GRPO, NFT; SB3's ``model.train``); the list
+    its seconds go to (stays empty for DRaFT, whose rollout carries the gradient)."""
     spent: list[float] = []
-    owner = agent if agent.name == "ddpo" else agent.model
-    name = "update" if agent.name == "ddpo" else "train"
+    if agent.name == "draft":
+        return spent
+    owner = agent if agent.name in OWN_UPDATE else agent.model
+    name = "update" if agent.name in OWN_UPDATE else "train"
     inner = getattr(owner, name)
 
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -108,16 +129,27 @@ def measure(name: str, policy: DosePolicy, case, b: int, steps: int, repeats: in
     raw, rollout, train = [], [], []
     for rep in range(repeats):
         raw.append(timer(raw_sampler, policy, cond, steps, rep))
-        if name == "ddpo":
+        if name in ("ddpo", "grpo"):
             sampling = agent.sampling_policy()
             rollout.append(timer(collect, agent.env, sampling, [1000 + rep], agent.config.sample_eta))
         spent.clear()
         train.append(timer(agent.learn, b))
-        if name != "ddpo":
+        if name not in ("ddpo", "grpo"):
             rollout.append(train[-1] - sum(spent))
     agent.env.close()
     med = statistics.median
-    return {"raw": med(raw), "rollout": med(rollout), "train": med(train)}
+    out = {"raw": med(raw), "rollout": med(rollout), "train": med(train)}
+    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if device.startswith("cuda"):
+        out["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
+def _passed(args: argparse.Namespace) -> list[str]:
+    """The options of this run, for a child process."""
+    out = ["--batch", str(args.batch), "--steps", str(args.steps), "--repeats", str(args.repeats),
+           "--threads", str(args.threads), "--device", args.device, "--config", str(args.config)]  # fmt: skip
+    return out + (["--random"] if args.random else [])
 
 
 def main() -> None:
@@ -130,6 +162,7 @@ def main() -> None:
     ap.add_argument("--agents", default=",".join(AGENTS), help=f"agents to time, of {list(AGENTS)}")
     ap.add_argument("--config", type=Path, default=ROOT / "configs" / "pretrain_cpu.yaml")
     ap.add_argument("--random", action="store_true", help="random weights even with a checkpoint")
+    ap.add_argument("--child", action="store_true", help="(internal) time one agent, print its JSON")
     args = ap.parse_args()
     names = [a for a in args.agents.split(",") if a]
     unknown = sorted(set(names) - set(AGENTS))
@@ -141,18 +174,28 @@ def main() -> None:
     policy.model.eval()
     case, case_name = the_case()
     b, steps = args.batch, args.steps
+    if args.child:
+        print(json.dumps(measure(names[0], policy, case, b, steps, args.repeats, args.device)))
+        return
     print(f"model: {model_name}; grid {policy.spec.shape}; case: {case_name} {case.grid.shape}")
     threads = torch.get_num_threads()
     print(f"device {args.device}, torch threads {threads}, B = {b}, {steps} steps, w_kl = 0\n")
     head = f"{'agent':<11} {'raw ms':>9} {'rollout ms':>11} {'train ms':>10} {'raw s/s':>8} "
-    print(head + f"{'rollout s/s':>12} {'train s/s':>10} {'rollout/raw':>12} {'train/raw':>10}")
+    print(
+        head + f"{'rollout s/s':>12} {'train s/s':>10} {'rollout/raw':>12} {'train/raw':>10} {'peak MB':>8}"
+    )
     for name in names:
-        r = measure(name, policy, case, b, steps, args.repeats, args.device)
-        sps = {k: b / v for k, v in r.items()}
+        child = [sys.executable, __file__, "--child", "--agents", name, *_passed(args)]
+        done = subprocess.run(child, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            print(f"{name:<11} failed: {done.stderr.strip().splitlines()[-1:]}")
+            continue
+        r = json.loads(done.stdout.strip().splitlines()[-1])
+        sps = {k: b / r[k] for k in ("raw", "rollout", "train")}
         print(
             f"{name:<11} {r['raw'] * 1e3:9.1f} {r['rollout'] * 1e3:11.1f} {r['train'] * 1e3:10.1f} "
             f"{sps['raw']:8.2f} {sps['rollout']:12.2f} {sps['train']:10.2f} "
-            f"{sps['rollout'] / sps['raw']:12.3f} {sps['train'] / sps['raw']:10.3f}"
+            f"{sps['rollout'] / sps['raw']:12.3f} {sps['train'] / sps['raw']:10.3f} {r['peak_rss_mb']:8.0f}"
         )
     print(
         "\ns/s = samples (whole episodes) per second; rollout/raw: target >= 0.9 (DenoiseDose agents; "
