@@ -91,6 +91,24 @@ def make_env(policy: DosePolicy, scorecard: str = "phantom_headneck", **kw):
     )
 
 
+#: The Bandit agents' reward in tests: the dense score and the fidelity to the reference plan.
+BANDIT_REWARD = {"score": "dense", "w_fid": 1.0, "fidelity": "reference"}
+
+
+def make_bandit(policy: DosePolicy, num_envs: int = 2, cases: str = "phantoms:headneck/28", **reward):
+    """A ScorecardBandit vector env of ``num_envs`` episodes (DRaFT's and DiffusionNFT's)."""
+    return gymnasium.make_vec(
+        "dosegym/ScorecardBandit-v0",
+        num_envs=num_envs,
+        vectorization_mode="vector_entry_point",
+        policy=policy,
+        scorecard="phantom_headneck",
+        cases=cases,
+        steps=3,
+        reward={**BANDIT_REWARD, **reward},
+    )
+
+
 def save_tiny_checkpoint(folder: Path) -> Path:
     """A model checkpoint of the tiny policy's random weights (seed 0) at ``folder``."""
     from dosegym.diffusion.checkpoint import save_checkpoint

@@ -284,8 +284,9 @@ class Agent:
         raise NotImplementedError(f"{type(self).__name__} does not train by iterations")
 
     def grad_clip_norm(self) -> float:
-        """The gradient-norm clip of the optimizer step (``inf``: none; DDPO: ``train_max_grad_norm``)."""
-        return math.inf
+        """The gradient-norm clip of the optimizer step: the config's ``train_max_grad_norm``
+        where it has one (DDPO, GRPO, DRaFT, DiffusionNFT), else ``inf`` (none)."""
+        return float(getattr(self.config, "train_max_grad_norm", math.inf))
 
     def accumulation_steps(self) -> int:
         """Micro-batches per optimizer step (default ``config.gradient_accumulation_steps``)."""

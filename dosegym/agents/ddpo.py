@@ -271,9 +271,6 @@ class DDPO(Agent):
         )
 
     # -- the shared machinery's hooks ------------------------------------------------------
-    def grad_clip_norm(self) -> float:
-        return float(self.config.train_max_grad_norm)
-
     def num_train_timesteps(self) -> int:
         """Steps trained per sample and epoch: ``train_timestep_fraction`` of the chain's, >= 1."""
         return max(1, int(self.config.sample_num_steps * self.config.train_timestep_fraction))

@@ -91,9 +91,6 @@ class DRaFT(Agent):
     env_kind = "bandit"
 
     # -- the shared machinery's hooks ------------------------------------------------------
-    def grad_clip_norm(self) -> float:
-        return float(self.config.train_max_grad_norm)
-
     def accumulation_steps(self) -> int:
         """The rollout batches of an iteration (one optimizer step per iteration)."""
         from accelerate.state import PartialState

@@ -108,9 +108,6 @@ class NFT(Agent):
     config: NFTConfig
     env_kind = "bandit"
 
-    def grad_clip_norm(self) -> float:
-        return float(self.config.train_max_grad_norm)
-
     def accumulation_steps(self) -> int:
         """Each minibatch's ``timesteps_per_sample`` draws accumulate into one optimizer step."""
         return int(self.config.timesteps_per_sample) * int(self.config.gradient_accumulation_steps)

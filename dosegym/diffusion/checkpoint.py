@@ -102,16 +102,21 @@ def read_checkpoint_config(path: str | Path) -> tuple[ModelConfig, dict[str, Any
         raise ModelError(f"{cfg_path}: unreadable checkpoint config ({exc})") from exc
     except UnicodeDecodeError as exc:
         raise ModelError(f"{cfg_path}: checkpoint config is not UTF-8 JSON ({exc.reason})") from exc
-    if not isinstance(doc, dict):
-        raise ModelError(f"{cfg_path}: checkpoint config must be a JSON object, got {type(doc).__name__}")
-    if doc.get("format") != FORMAT_NAME:
-        raise ModelError(f"{cfg_path}: format {doc.get('format')!r}, expected {FORMAT_NAME!r}")
-    if doc.get("format_version") != FORMAT_VERSION:
-        raise ModelError(
-            f"{cfg_path}: format_version {doc.get('format_version')!r}; this dosegym ({__version__}) reads "
-            f"format_version {FORMAT_VERSION}"
-        )
+    check_format(doc, cfg_path, FORMAT_NAME, FORMAT_VERSION)
     return parse_config(ModelConfig, doc.get("model", {}), f"{cfg_path} field 'model'"), doc
+
+
+def check_format(doc: Any, path: Path, name: str, version: int) -> None:
+    """``ModelError`` naming ``path`` unless ``doc`` is a JSON object of format ``name``, ``version``."""
+    if not isinstance(doc, dict):
+        raise ModelError(f"{path}: checkpoint config must be a JSON object, got {type(doc).__name__}")
+    if doc.get("format") != name:
+        raise ModelError(f"{path}: format {doc.get('format')!r}, expected {name!r}")
+    if doc.get("format_version") != version:
+        raise ModelError(
+            f"{path}: format_version {doc.get('format_version')!r}; this dosegym ({__version__}) reads "
+            f"format_version {version}"
+        )
 
 
 def load_weights(model: torch.nn.Module, file: str | Path) -> None:

@@ -46,7 +46,7 @@ from dosegym._version import __version__
 from dosegym.data.atomic import atomic_folder, json_text
 from dosegym.data.case import Case
 from dosegym.data.oar_groups import OAR_GROUPS
-from dosegym.diffusion.checkpoint import load_weights
+from dosegym.diffusion.checkpoint import check_format, load_weights
 from dosegym.diffusion.config import parse_config
 from dosegym.diffusion.slots import ModelSpec, Resampler, body_mask, normalise_ct, oars_map, targets_map
 from dosegym.errors import ModelError
@@ -288,14 +288,7 @@ def read_refiner_config(folder: str | Path) -> tuple[RefinerConfig, dict[str, An
         doc = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ModelError(f"{path}: unreadable refiner config ({exc})") from exc
-    if not isinstance(doc, dict) or doc.get("format") != REFINER_FORMAT:
-        found = doc.get("format") if isinstance(doc, dict) else type(doc).__name__
-        raise ModelError(f"{path}: format {found!r}, expected {REFINER_FORMAT!r}")
-    if doc.get("format_version") != REFINER_FORMAT_VERSION:
-        raise ModelError(
-            f"{path}: format_version {doc.get('format_version')!r}; this dosegym ({__version__}) reads "
-            f"format_version {REFINER_FORMAT_VERSION}"
-        )
+    check_format(doc, path, REFINER_FORMAT, REFINER_FORMAT_VERSION)
     return parse_config(RefinerConfig, doc.get("refiner", {}), f"{path} field 'refiner'"), doc
 
 

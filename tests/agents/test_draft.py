@@ -2,28 +2,17 @@
 
 from __future__ import annotations
 
-import gymnasium
 import numpy as np
 import pytest
 import torch
+from helpers import make_bandit
 
 from dosegym import agents
 from dosegym.errors import AgentError, EnvError
 
-REWARD = {"score": "dense", "w_fid": 1.0, "fidelity": "reference"}
 
-
-def bandit(policy, num_envs: int = 2, **reward):
-    return gymnasium.make_vec(
-        "dosegym/ScorecardBandit-v0",
-        num_envs=num_envs,
-        vectorization_mode="vector_entry_point",
-        policy=policy,
-        scorecard="phantom_headneck",
-        cases="phantoms:headneck/28",
-        steps=3,
-        reward={**REWARD, **reward},
-    )
+def bandit(policy, **reward):
+    return make_bandit(policy, **reward)
 
 
 def draft(policy, env, **fields):

@@ -4,27 +4,18 @@ from __future__ import annotations
 
 import math
 
-import gymnasium
 import numpy as np
 import pytest
 import torch
+from helpers import make_bandit
 
 from dosegym import agents
 from dosegym.agents.nft import nft_loss, optimality
 from dosegym.errors import AgentError
 
 
-def bandit(policy, num_envs: int = 4):
-    return gymnasium.make_vec(
-        "dosegym/ScorecardBandit-v0",
-        num_envs=num_envs,
-        vectorization_mode="vector_entry_point",
-        policy=policy,
-        scorecard="phantom_headneck",
-        cases="phantoms:headneck/train",
-        steps=3,
-        reward={"score": "dense", "w_fid": 1.0, "fidelity": "reference"},
-    )
+def bandit(policy):
+    return make_bandit(policy, num_envs=4, cases="phantoms:headneck/train")
 
 
 FAST = {"samples_per_iteration": 4, "sample_num_steps": 3, "samples_per_case": 2, "learning_rate": 1e-2,
