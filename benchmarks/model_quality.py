@@ -16,6 +16,9 @@ that decode path can score better than it does. A checkpoint with a native-resol
 refiner (``CHECKPOINT/refiner/``) decodes through it; ``--without-refiner`` adds, from the same
 samples, the rows of the plain trilinear decode ("coarse decode"), so what the refiner buys is
 measured in one run. ``s/sample`` includes the decode (the refiner's share is printed beside).
+``--flip-tta`` adds test-time flips (``DosePolicy.predict(flip_tta=True)``: each of the K doses
+the mean of the input's sample and the mirrored input's, from 2K samples; its s/sample is the
+unflipped one's, the flips double it).
 Never pass OpenKBP test patients to tune anything; validation-pats is what this script is for.
 """
 
@@ -97,6 +100,9 @@ def main() -> None:
     ap.add_argument(
         "--without-refiner", action="store_true", help="also the plain trilinear decode of the same samples"
     )
+    ap.add_argument(
+        "--flip-tta", action="store_true", help="also test-time flips (each dose the mean with its mirror)"
+    )
     args = ap.parse_args()
 
     from dosegym.diffusion import load_pretrained, seeded_generator
@@ -123,6 +129,13 @@ def main() -> None:
                 x0 = sample(policy.model, cond, policy.sampler, args.steps, seeded_generator(0), 0.0)
             _sync(args.device)
             t_sample = (time.perf_counter() - t0) / k
+            mirrored = None
+            if args.flip_tta:  # the mirrored input's samples, flipped back (predict(flip_tta=True))
+                with frozen(policy.model):
+                    m = sample(
+                        policy.model, cond.mirrored(), policy.sampler, args.steps, seeded_generator(0), 0.0
+                    )
+                mirrored = 0.5 * (m[:k] + m[k:].flip(-1))
             decodes = [(label, False)]
             if args.without_refiner and policy.refiner is not None:
                 decodes.append((f"{label} (coarse decode)", True))
@@ -137,6 +150,11 @@ def main() -> None:
                     if regression
                     else {f"{name} (1 sample)": out[0], f"{name} (mean of {k})": out.mean(axis=0)}
                 )
+                if mirrored is not None:
+                    flipped = _decoded(policy, case, mirrored, coarse)
+                    variants[f"{name} (flip TTA{'' if regression else f', mean of {k}'})"] = flipped.mean(
+                        axis=0
+                    )
                 for vname, pred in variants.items():
                     key = (source, vname)
                     times.setdefault(key, []).append(t_sample + t_decode)

@@ -267,12 +267,18 @@ class DosePolicy:
         seed: int = 0,
         samples: int = 1,
         eta: float = 0.0,
+        flip_tta: bool = False,
     ) -> np.ndarray:
         """Predict the dose of ``case``: Gy, ``float32``, on the case grid, ``(Z, Y, X)`` for one
-        sample or ``(K, Z, Y, X)`` for ``samples=K``. Same ``seed`` -> same result."""
+        sample or ``(K, Z, Y, X)`` for ``samples=K``. Same ``seed`` -> same result.
+        ``flip_tta``: test-time flips, each of the K doses the mean (on the model grid, before
+        decoding) of a sample and a sample of the left-right mirrored input flipped back
+        (:meth:`ModelInput.mirrored`; twice the cost)."""
         if samples < 1:
             raise ModelError(f"samples must be >= 1, got {samples}")
         cond = self.conditions(case).expand(samples)
+        if flip_tta:
+            cond = cond.mirrored()
         gen = seeded_generator(seed)
         was_training = self.model.training
         self.model.eval()
@@ -280,6 +286,9 @@ class DosePolicy:
             x0 = sample(self.model, cond, sampler, steps, gen, eta)
         finally:
             self.model.train(was_training)
+        if flip_tta:
+            x0 = 0.5 * (x0[:samples] + x0[samples:].flip(-1))
+            cond = self.conditions(case).expand(samples)
         dose = self.decode(x0, cond, to_case=case).float().cpu().numpy()
         dose = check_dose_gy(
             dose,

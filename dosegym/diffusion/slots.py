@@ -210,6 +210,21 @@ class ModelInput:
             self.case_ids * n,
         )
 
+    def mirrored(self) -> ModelInput:
+        """A batched input followed by its left-right mirror image: ``2B`` samples, the last B
+        with every tensor flipped along x (the last axis). The crop is centred on the body, so
+        the mirror is the mirrored patient's input (the OAR groups are not lateral)."""
+        if not self.batched:
+            raise ModelError("mirrored needs a batched input (use collate([...]) first)")
+        return ModelInput(
+            {k: torch.cat([v, v.flip(-1)]) for k, v in self.tensors.items()},
+            dict(self.roles),
+            torch.cat([self.rx_max_gy, self.rx_max_gy]),
+            True,
+            {k: torch.cat([v, v]) for k, v in self.available.items()},
+            self.case_ids * 2,
+        )
+
 
 def collate(inputs: Sequence[ModelInput]) -> ModelInput:
     """Stack unbatched inputs of the same spec into one batched input.

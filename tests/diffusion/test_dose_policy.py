@@ -171,3 +171,31 @@ def test_predict_applies_the_dose_rule(policy, case, monkeypatch):
     monkeypatch.setattr("dosegym.diffusion.policy.sample", lambda *a, **k: torch.full(shape, 100.0))
     with pytest.raises(ModelError, match=r"predict: the dose predicted for case .* exceeds"):
         policy.predict(case, steps=2, seed=0)
+
+
+def test_test_time_flips_average_a_sample_and_its_mirror():
+    """``predict(flip_tta=True)``: the mean of the input's sample and the mirrored input's
+    sample flipped back, decoded; the mirrored input is every tensor flipped along x."""
+    from helpers import tiny_policy_config
+
+    from dosegym.data import phantoms
+    from dosegym.diffusion import Any2Any, DosePolicy
+    from dosegym.diffusion.chain import seeded_generator
+    from dosegym.diffusion.sample import sample
+
+    phantom = phantoms.load_shipped_phantom("headneck", 28)
+    torch.manual_seed(0)
+    policy = DosePolicy(Any2Any(tiny_policy_config()))
+    cond = policy.conditions(phantom)
+    both = cond.mirrored()
+    assert both.batch_size == 2 and torch.equal(both.tensors["ct"][1], cond.tensors["ct"][0].flip(-1))
+    with torch.no_grad():
+        x0 = sample(policy.model, both, "ddim", 2, seeded_generator(4), 0.0)
+        expected = policy.decode(0.5 * (x0[:1] + x0[1:].flip(-1)), cond, phantom)[0].numpy()
+    got = policy.predict(phantom, steps=2, seed=4, flip_tta=True)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    assert got.shape == phantom.grid.shape
+    assert policy.predict(phantom, steps=2, seed=4, samples=2, flip_tta=True).shape == (
+        2,
+        *phantom.grid.shape,
+    )
