@@ -9,11 +9,11 @@ used, never its weights: the refiner is trained once per grid and serves every m
 A step draws ``batch_size`` patches of ``patch_vox`` case voxels (z, y, x) from cases drawn
 uniformly, each inside its case's crop (the body's bounding box plus the refiner's
 ``margin_vox``) and holding body voxels, mirrored left-right with probability 1/2
-(``flip_lr``; the OAR groups are not lateral, so no channel swaps), with the coarse input
-perturbed so that the refiner also takes a diffusion sample's dose, which differs from the
-round trip: a gain ``1 + U(-coarse_gain, coarse_gain)`` and a smooth additive field of std
-``coarse_noise`` (normalised dose; a random field on a grid 8 times coarser, trilinearly
-upsampled); the CT is blanked with probability ``ct_dropout`` (cases without a CT).
+(``flip_lr``; the OAR groups are not lateral, so no channel swaps); optionally the coarse
+input perturbed (off by default: measured, it stops the learning, see docs/decisions.md): a
+gain ``1 + U(-coarse_gain, coarse_gain)`` and a smooth additive field of std ``coarse_noise``
+(normalised dose; a random field on a grid 8 times coarser, trilinearly upsampled); the CT
+is blanked with probability ``ct_dropout`` (cases without a CT).
 The loss is the L1 distance to the reference (normalised dose) over body voxels. AdamW,
 linear warmup then cosine. Every draw comes from ``(seed, step)``, so a resumed run
 continues exactly.
@@ -74,20 +74,20 @@ class RefinerTrainConfig(BaseModel):
     """Patches per step."""
     patch_vox: tuple[int, int, int] = (24, 48, 48)
     """Patch size in case voxels (z, y, x); cropped to a case's crop where that is smaller."""
-    lr: float = Field(2e-3, gt=0)
+    lr: float = Field(5e-4, gt=0)
     """Peak learning rate."""
     weight_decay: float = Field(1e-4, ge=0)
     """AdamW weight decay."""
-    warmup_steps: int = Field(100, ge=0)
+    warmup_steps: int = Field(200, ge=0)
     """Linear warmup steps, then cosine to ``min_lr_ratio * lr``."""
     min_lr_ratio: float = Field(0.02, ge=0, le=1)
     """The learning rate at the last step, as a share of ``lr``."""
     grad_clip: float = Field(1.0, gt=0)
     """Global gradient norm clip."""
-    coarse_noise: float = Field(0.02, ge=0)
-    """Std of the smooth additive perturbation of the coarse input (normalised dose)."""
-    coarse_gain: float = Field(0.03, ge=0, lt=1)
-    """Half-width of the coarse input's random gain."""
+    coarse_noise: float = Field(0.0, ge=0)
+    """Std of a smooth additive perturbation of the coarse input (normalised dose; 0: none)."""
+    coarse_gain: float = Field(0.0, ge=0, lt=1)
+    """Half-width of a random gain of the coarse input (0: none)."""
     flip_lr: bool = True
     """Mirror patches left-right (x) with probability 1/2."""
     ct_dropout: float = Field(0.1, ge=0, lt=1)
