@@ -41,7 +41,7 @@ from torch.utils.checkpoint import checkpoint
 
 from dosegym.agents.base import Agent
 from dosegym.agents.config import AgentConfig, RewardFields
-from dosegym.agents.rollout import step_gaussian
+from dosegym.agents.rollout import check_bandit_env, step_gaussian
 from dosegym.diffusion.chain import ReverseChain, seeded_generator
 from dosegym.diffusion.slots import collate
 from dosegym.envs.reward import gaussian_kl
@@ -99,14 +99,7 @@ class DRaFT(Agent):
         return max(1, self.samples_per_iteration // PartialState().num_processes // env.num_envs)
 
     def _check_setup(self) -> Any:
-        env = self.env
-        if env is None or not hasattr(env, "differentiable_reward") or not hasattr(env, "num_envs"):
-            raise AgentError(
-                "DRaFT learns from a differentiable reward: give it a ScorecardBandit vector env "
-                "(gymnasium.make_vec('dosegym/ScorecardBandit-v0', num_envs=B, "
-                f"vectorization_mode='vector_entry_point', reward=...)), got {type(env).__name__}"
-            )
-        return env
+        return check_bandit_env(self.env, "DRaFT")
 
     def num_trained_steps(self, index: int) -> int:
         """K of rollout batch ``index`` of this iteration (see ``truncation``)."""

@@ -37,7 +37,7 @@ from pydantic import Field, model_validator
 from dosegym.agents.base import Agent
 from dosegym.agents.config import AgentConfig
 from dosegym.agents.ddpo import tied_fraction
-from dosegym.agents.rollout import case_groups
+from dosegym.agents.rollout import case_groups, check_bandit_env
 from dosegym.agents.stat_tracking import group_advantages
 from dosegym.diffusion.chain import ReverseChain, frozen, seeded_generator
 from dosegym.diffusion.schedulers import make_scheduler
@@ -113,14 +113,7 @@ class NFT(Agent):
         return int(self.config.timesteps_per_sample) * int(self.config.gradient_accumulation_steps)
 
     def _check_setup(self) -> Any:
-        env = self.env
-        if env is None or not hasattr(env, "differentiable_reward") or not hasattr(env, "num_envs"):
-            raise AgentError(
-                "DiffusionNFT's rollouts are whole doses: give it a ScorecardBandit vector env "
-                "(gymnasium.make_vec('dosegym/ScorecardBandit-v0', num_envs=B, "
-                f"vectorization_mode='vector_entry_point', ...)), got {type(env).__name__}"
-            )
-        return env
+        return check_bandit_env(self.env, "DiffusionNFT")
 
     # -- one iteration -----------------------------------------------------------------------
     def train_iteration(self) -> dict[str, float]:

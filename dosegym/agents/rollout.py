@@ -198,3 +198,15 @@ def _one_batch(env, policy: DosePolicy, seed: int, eta: float, cases_of: Sequenc
         cases,
         xps[-1].clone(),
     )
+
+
+def check_bandit_env(env, agent: str):
+    """``env`` when it is a ScorecardBandit vector env (whole doses as actions); else
+    ``AgentError`` naming ``agent`` and how to make one."""
+    if env is None or not hasattr(env, "differentiable_reward") or not hasattr(env, "num_envs"):
+        raise AgentError(
+            f"{agent}'s rollouts are whole doses: give it a ScorecardBandit vector env "
+            "(gymnasium.make_vec('dosegym/ScorecardBandit-v0', num_envs=B, "
+            f"vectorization_mode='vector_entry_point', reward=...)), got {type(env).__name__}"
+        )
+    return env
